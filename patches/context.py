@@ -1,0 +1,125 @@
+"""The per-step steering context and the registered op the steerable layers call.
+
+Runs in vLLM's worker process. Once per forward step, `vllm_adapter` calls `build_step_context`
+with the step's (plan, first token row, end row) for every steered request and publishes the
+result with `use_step_context`; outside a steered step the context is None and the op returns at
+once, so unsteered steps do no steering work at all.
+
+The op is a `torch.library.custom_op`, opaque to torch.compile: a compiled graph calls it on every
+step and the Python body reads the context then. (A Python branch on the context would be traced
+once, with an empty context, and never run again.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from . import infosteer
+from .plan import InfoSteerPlan
+
+
+@dataclass
+class _Group:
+    """Rows of one InfoSteer mode on one layer set, with per-row parameters (all on the device)."""
+
+    mode: str
+    rows: torch.Tensor  # [n] int64 token rows of the step's flattened batch
+    alpha: torch.Tensor  # [n] float32
+    count: torch.Tensor | None  # [n] int64: k (topk) or m (lift)
+    count_max: int
+
+    def apply_(self, x: torch.Tensor) -> None:
+        """Rewrite x[rows] in place (x: [num_tokens, d_ffn])."""
+        sub = x.index_select(0, self.rows)
+        if self.mode == "scale":
+            new = infosteer.scale_rows(sub, self.alpha)
+        elif self.mode == "topk":
+            new = infosteer.topk_rows(sub, self.alpha, self.count, self.count_max)
+        else:
+            new = infosteer.lift_rows(sub, self.alpha, self.count, self.count_max)
+        x.index_copy_(0, self.rows, new)
+
+
+@dataclass
+class StepContext:
+    """What to steer in one forward step; `ffn_groups[layer]` lists the InfoSteer groups of a layer."""
+
+    ffn_groups: dict[int, list[_Group]] = field(default_factory=dict)
+    num_steered_requests: int = 0
+
+
+_current: StepContext | None = None
+
+
+def current() -> StepContext | None:
+    return _current
+
+
+@contextlib.contextmanager
+def use_step_context(ctx: StepContext | None):
+    """Publish `ctx` for the duration of one forward pass (mutates this module's global)."""
+    global _current
+    prev, _current = _current, ctx
+    try:
+        yield
+    finally:
+        _current = prev
+
+
+def build_step_context(
+    entries: list[tuple[InfoSteerPlan, int, int]], device: torch.device | str
+) -> StepContext | None:
+    """entries: (plan, start_row, end_row) per steered request, rows of the flattened batch.
+
+    Requests with the same layer set and mode share one group, so per-layer work is a handful of
+    batched ops whatever the number of distinct configurations.
+    """
+    if not entries:
+        return None
+    # (layers, mode) -> lists of row ranges and per-row parameters
+    buckets: dict[tuple[tuple[int, ...], str], list[tuple[int, int, float, int]]] = {}
+    for plan, start, end in entries:
+        count = plan.k if plan.mode == "topk" else plan.m
+        buckets.setdefault((plan.layers, plan.mode), []).append((start, end, plan.alpha, count))
+    ctx = StepContext(num_steered_requests=len(entries))
+    for (layers, mode), ranges in buckets.items():
+        lengths = [end - start for start, end, _, _ in ranges]
+        rows = torch.cat([torch.arange(s, e, dtype=torch.long) for s, e, _, _ in ranges])
+        alpha = torch.repeat_interleave(
+            torch.tensor([a for _, _, a, _ in ranges], dtype=torch.float32), torch.tensor(lengths)
+        )
+        count = None
+        count_max = 0
+        if mode != "scale":
+            counts = [c for _, _, _, c in ranges]
+            count = torch.repeat_interleave(torch.tensor(counts, dtype=torch.long), torch.tensor(lengths))
+            count = count.to(device, non_blocking=True)
+            count_max = max(counts)
+        group = _Group(
+            mode=mode,
+            rows=rows.to(device, non_blocking=True),
+            alpha=alpha.to(device, non_blocking=True),
+            count=count,
+            count_max=count_max,
+        )
+        for layer in layers:
+            ctx.ffn_groups.setdefault(layer, []).append(group)
+    return ctx
+
+
+@torch.library.custom_op("steerserve::ffn_steer_", mutates_args=("x",))
+def ffn_steer_(x: torch.Tensor, layer: int) -> None:
+    """Apply this step's InfoSteer groups for `layer` to x ([num_tokens, d_ffn]) in place."""
+    ctx = _current
+    if ctx is None:
+        return
+    for group in ctx.ffn_groups.get(layer, ()):
+        group.apply_(x)
+
+
+@ffn_steer_.register_fake
+def _(x: torch.Tensor, layer: int) -> None:
+    return None

@@ -1,0 +1,83 @@
+"""Normalised steering plans: the immutable value that travels from the API server to the engine.
+
+A plan holds only the steers that do something, with every default resolved against the served
+model (layer lists expanded, `p` turned into a coefficient count). It has one serialised form
+(canonical JSON, carried as `SamplingParams.extra_args["steer"]`) and a stable fingerprint
+(a hash of that JSON) that also salts the prefix cache.
+
+Pure Python; imported by the API server process and by the engine's worker processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+EXTRA_ARGS_KEY = "steer"
+INFOSTEER_MODES = ("scale", "topk", "lift")
+
+
+@dataclass(frozen=True)
+class InfoSteerPlan:
+    """FFN memory amplification on `layers` (0-based decoder layer indices, sorted).
+
+    mode "scale": c' = alpha * c                                      (every coefficient)
+    mode "topk":  c'_i = alpha * c_i for the k largest |c_i|, else c_i (per token)
+    mode "lift":  c'_i = alpha * mean(c) for the m smallest c_i, else c_i (per token),
+                  with m = floor(p * d_ffn) resolved by the server.
+    """
+
+    layers: tuple[int, ...]
+    mode: str
+    alpha: float
+    k: int = 0  # topk only
+    m: int = 0  # lift only: number of lifted coefficients per token
+    p: float = 0.0  # lift only: the requested fraction, kept for the echo
+
+    def echo(self) -> dict:
+        out: dict = {"steer": "infosteer", "mode": self.mode, "alpha": self.alpha, "layers": list(self.layers)}
+        if self.mode == "topk":
+            out["k"] = self.k
+        if self.mode == "lift":
+            out["p"] = self.p
+            out["lifted_per_token"] = self.m
+        return out
+
+
+@dataclass(frozen=True)
+class SteerPlan:
+    infosteer: InfoSteerPlan | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.infosteer is None
+
+    def to_json(self) -> str:
+        body = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str | None:
+        if self.is_empty:
+            return None
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def applied(self) -> list[dict]:
+        return [self.infosteer.echo()] if self.infosteer else []
+
+    def echo(self) -> dict:
+        """The `steer` object returned to the client."""
+        if self.is_empty:
+            return {"applied": [], "fingerprint": None, "note": "no steering applied (empty or neutral)"}
+        return {"applied": self.applied(), "fingerprint": self.fingerprint()}
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_plan(text: str) -> SteerPlan:
+    """Inverse of `SteerPlan.to_json`; cached, so each request's plan is parsed once per worker."""
+    body = json.loads(text)
+    info = body.get("infosteer")
+    if info is not None:
+        info = InfoSteerPlan(**{**info, "layers": tuple(info["layers"])})
+    return SteerPlan(infosteer=info)

@@ -1,0 +1,1 @@
+"""Training utilities (see issue: training utilities and TAIA)."""
