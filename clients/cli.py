@@ -1,0 +1,50 @@
+"""The `steerserve` command: serve, chat, bench, prepare-model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="steerserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from steerserve.server.cli import add_serve_args
+
+    p_serve = sub.add_parser("serve", help="start the OpenAI-compatible steering server")
+    add_serve_args(p_serve)
+
+    from steerserve.clients.chat import add_chat_args
+
+    p_chat = sub.add_parser("chat", help="chat with a running server, with steering flags")
+    add_chat_args(p_chat)
+
+    from steerserve.clients.bench import add_bench_args
+
+    p_bench = sub.add_parser("bench", help="throughput benchmark: plain vs steered vs Hugging Face hooks")
+    add_bench_args(p_bench)
+
+    sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from steerserve.server.cli import serve
+
+        serve(args)
+    elif args.command == "chat":
+        from steerserve.clients.chat import run_chat
+
+        sys.exit(run_chat(args))
+    elif args.command == "bench":
+        from steerserve.clients.bench import run_bench
+
+        run_bench(args)
+    elif args.command == "prepare-model":
+        from steerserve.server.model_store import ensure_embedded_model
+
+        print(ensure_embedded_model())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""steerserve's HTTP surface, attached to vLLM's own OpenAI server as an endpoint plugin
+(entry point group `vllm.endpoint_plugins`, name `steerserve_api`).
+
+It replaces the two generation routes with thin wrappers around vLLM's own handlers: the request
+is parsed by vLLM's protocol models (so every OpenAI field, template, streaming and sampling
+behaviour is vLLM's), the `steer` field is validated and normalised into a plan, the plan is put on
+the request (`vllm_xargs["steer"]`, and the prefix-cache salt), vLLM's handler runs, and the
+response gets the `steer` echo (on the first chunk when streaming). Runs in the API server process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from argparse import Namespace
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import State
+
+from steerserve.patches.plan import EXTRA_ARGS_KEY, SteerPlan
+
+from . import metrics
+from .schema import ModelInfo, SteerError, normalise
+from steerserve.patches.vllm_adapter import http_surface, model_info_from_engine
+
+_vllm = http_surface()
+ChatCompletionRequest = _vllm.ChatCompletionRequest
+CompletionRequest = _vllm.CompletionRequest
+ErrorResponse = _vllm.ErrorResponse
+
+logger = logging.getLogger("steerserve")
+
+STEER_FIELD = "steer"
+_RESPONSES = {
+    HTTPStatus.OK.value: {"content": {"text/event-stream": {}}},
+    HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
+    HTTPStatus.NOT_FOUND.value: {"model": ErrorResponse},
+    HTTPStatus.INTERNAL_SERVER_ERROR.value: {"model": ErrorResponse},
+}
+_STEER_DOC = (
+    "steerserve: pass steering as the extra body field `steer` (OpenAI SDK: "
+    '`extra_body={"steer": {...}}`); see the README for the contract. The response carries a '
+    "`steer` echo (first chunk when streaming) when the request had a `steer` field."
+)
+
+
+def bad_request(field: str | None, message: str) -> JSONResponse:
+    body = ErrorResponse(error={"message": message, "type": "BadRequestError", "param": field, "code": 400})
+    return JSONResponse(content=body.model_dump(), status_code=400)
+
+
+def _model_info(raw_request: Request) -> ModelInfo:
+    return raw_request.app.state.steerserve_model_info
+
+
+def take_plan(request, raw_request: Request) -> tuple[SteerPlan | None, JSONResponse | None]:
+    """Pop `steer` off a parsed vLLM request, validate it, and attach the plan to the request.
+
+    Mutates `request` (vllm_xargs, cache_salt, model_extra). Returns (plan or None when the
+    request had no `steer` field, error response or None).
+    """
+    extra = request.model_extra or {}
+    if request.vllm_xargs and EXTRA_ARGS_KEY in request.vllm_xargs:
+        return None, bad_request("vllm_xargs.steer", "reserved for steerserve; pass steering as the `steer` field")
+    if STEER_FIELD not in extra:
+        return None, None
+    raw = extra.pop(STEER_FIELD)
+    try:
+        plan = normalise(raw, _model_info(raw_request))
+    except SteerError as err:
+        metrics.REJECTED.labels(field=err.field).inc()
+        return None, bad_request(err.field, f"invalid steering: {err.field}: {err.message}")
+    if not plan.is_empty:
+        request.vllm_xargs = {**(request.vllm_xargs or {}), EXTRA_ARGS_KEY: plan.to_json()}
+        # Steering changes the KV a prompt produces: salt the prefix cache with the plan, so a
+        # steered request never reuses KV computed under another plan (and repeats reuse theirs).
+        salt = f"steer:{plan.fingerprint()}"
+        request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+    return plan, None
+
+
+async def _echo_stream(chunks: AsyncIterator, echo: dict) -> AsyncIterator[str]:
+    """Insert `echo` as the `steer` field of the first JSON data chunk of an SSE stream."""
+    pending = True
+    async for chunk in chunks:
+        if pending:
+            text = chunk.decode() if isinstance(chunk, bytes) else chunk
+            if text.startswith("data: {"):
+                payload = json.loads(text[len("data: "):])
+                payload[STEER_FIELD] = echo
+                chunk = f"data: {json.dumps(payload)}\n\n"
+                pending = False
+        yield chunk
+
+
+def with_echo(response: Response | None, plan: SteerPlan | None) -> Response | None:
+    """Add the `steer` echo to a successful vLLM response (JSON or SSE stream)."""
+    if plan is None or response is None or response.status_code != 200:
+        return response
+    echo = plan.echo()
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _echo_stream(response.body_iterator, echo)
+        return response
+    if isinstance(response, JSONResponse):
+        payload = json.loads(response.body)
+        payload[STEER_FIELD] = echo
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        return JSONResponse(content=payload, status_code=response.status_code, headers=headers)
+    return response
+
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/chat/completions",
+    dependencies=[Depends(_vllm.validate_json_request)],
+    responses=_RESPONSES,
+    description=_STEER_DOC,
+)
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+    plan, error = take_plan(request, raw_request)
+    if error is not None:
+        return error
+    metrics.count_request("chat", plan)
+    return with_echo(await _vllm.stock_chat_handler(request, raw_request), plan)
+
+
+@router.post(
+    "/v1/completions",
+    dependencies=[Depends(_vllm.validate_json_request)],
+    responses=_RESPONSES,
+    description=_STEER_DOC,
+)
+async def create_completion(request: CompletionRequest, raw_request: Request):
+    plan, error = take_plan(request, raw_request)
+    if error is not None:
+        return error
+    metrics.count_request("completions", plan)
+    return with_echo(await _vllm.stock_completion_handler(request, raw_request), plan)
+
+
+class SteerEndpointPlugin:
+    """vLLM endpoint plugin: replaces the generation routes, records the served model's shape."""
+
+    name = "steerserve_api"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state: State, args: Namespace) -> None:
+        if engine_client is None:
+            raise RuntimeError("steerserve needs an engine; the render-only server is not supported")
+        state.steerserve_model_info = model_info_from_engine(engine_client)
+        logger.info("steerserve: serving %s", state.steerserve_model_info)

@@ -1,0 +1,127 @@
+"""`steerserve serve`: start the OpenAI-compatible steering server.
+
+Translates steerserve's flags into vLLM server arguments (the steerable architecture override,
+the endpoint plugin allowlist, KV cache size) and hands over to vLLM's own server. Runs in the
+CLI process, which becomes the API server; vLLM starts the engine core as a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+from pathlib import Path
+
+from steerserve.patches import STEERABLE_ARCHITECTURES
+
+PLUGIN_NAMES = ("steerserve", "steerserve_api")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (Hugging Face layout); default: the embedded SmolLM2-135M-Instruct, "
+                        "converted on first use")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name clients pass as `model` (default: the folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"),
+                   help="require `Authorization: Bearer <key>` on /v1 routes (default: $STEERSERVE_API_KEY; "
+                        "off when unset)")
+    p.add_argument("--kv-cache-gb", type=float, default=2.0,
+                   help="KV cache size in GiB (default 2); on GPUs omit with --gpu-memory-utilization via "
+                        "--vllm-arg instead")
+    p.add_argument("--max-model-len", type=int, default=4096, help="context length cap (default 4096)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="max concurrent sequences per step (vLLM default)")
+    p.add_argument("--dtype", default=None,
+                   help="weights/activations dtype: auto, bfloat16, float16, float32 (default: float32 on CPU, "
+                        "where vLLM 0.32's bfloat16 path turns SmolLM2's answers into garbage; auto on CUDA)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--eager", dest="compile", action="store_false",
+                      help="run the model eagerly (default: faster start-up, about 30 s on a 2-core CPU)")
+    mode.add_argument("--compile", dest="compile", action="store_true",
+                      help="torch.compile the model (start-up roughly doubles, a few %% faster steps)")
+    p.set_defaults(compile=False)
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="disable prefix caching (on by default; steering salts the cache key)")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="pass one more argument to vLLM's server verbatim (repeatable), "
+                        "e.g. --vllm-arg=--tensor-parallel-size=2")
+
+
+def default_dtype() -> str:
+    import torch
+
+    return "auto" if torch.cuda.is_available() else "float32"
+
+
+def _architecture(model_dir: Path) -> str | None:
+    cfg = model_dir / "config.json"
+    if not cfg.exists():
+        return None
+    archs = json.loads(cfg.read_text()).get("architectures") or []
+    return archs[0] if archs else None
+
+
+def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
+    """The vLLM server argument list for steerserve's flags."""
+    argv = [
+        "--model", str(model),
+        "--served-model-name", args.served_model_name or model.name,
+        "--host", args.host,
+        "--port", str(args.port),
+        "--max-model-len", str(args.max_model_len),
+        "--dtype", args.dtype or default_dtype(),
+        "--kv-cache-memory-bytes", str(int(args.kv_cache_gb * (1 << 30))),
+    ]
+    arch = _architecture(model)
+    if arch in STEERABLE_ARCHITECTURES:
+        argv += ["--hf-overrides", json.dumps({"architectures": [STEERABLE_ARCHITECTURES[arch]]})]
+    else:
+        print(f"[steerserve] architecture {arch!r} has no steerable version: serving it plain; "
+              "steering requests will get HTTP 400", file=sys.stderr)
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    if not args.compile:
+        argv.append("--enforce-eager")
+    if args.max_num_seqs:
+        argv += ["--max-num-seqs", str(args.max_num_seqs)]
+    argv.append("--no-enable-prefix-caching" if args.no_prefix_caching else "--enable-prefix-caching")
+    return argv + list(args.vllm_arg)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def enable_plugins() -> None:
+    """vLLM loads endpoint plugins only when named in VLLM_PLUGINS (which then also filters the
+    general plugins): name ours, keeping any the user already allowed."""
+    current = [n for n in os.environ.get("VLLM_PLUGINS", "").split(",") if n]
+    os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*current, *PLUGIN_NAMES]))
+
+
+def serve(args: argparse.Namespace) -> None:
+    from steerserve.server.model_store import ensure_embedded_model
+
+    model = Path(args.model).expanduser().resolve() if args.model else ensure_embedded_model()
+    if not model.exists():
+        raise SystemExit(f"--model: {model} does not exist (a local checkpoint folder is required; "
+                         "nothing is downloaded)")
+    if not args.api_key and not _is_loopback(args.host):
+        print(f"[steerserve] WARNING: serving on {args.host} without --api-key: anyone who can reach it "
+              "can use it", file=sys.stderr)
+    enable_plugins()
+    argv = vllm_argv(args, model)
+    print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",
+          file=sys.stderr, flush=True)
+    from steerserve.patches.vllm_adapter import run_openai_server
+
+    run_openai_server(argv)

@@ -1,0 +1,154 @@
+"""The `steer` request object: wire schema (pydantic) and its normalisation into a `SteerPlan`.
+
+This is the one definition of the public steering contract; the server validates with it and the
+Python client (`steerserve.clients.steer`) builds requests with it. Validation happens in two
+stages, both reported as HTTP 400 naming the field and the allowed values:
+1. shape and ranges that hold for every model (`SteerSpec.model_validate`);
+2. ranges that depend on the served model (layer indices, FFN width) in `normalise`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from steerserve.patches.infosteer import lift_count
+from steerserve.patches.plan import InfoSteerPlan, SteerPlan
+
+ALPHA_MIN, ALPHA_MAX = 0.0, 10.0
+MAX_LAYER_LIST = 1024  # cap on the length of a layer list, duplicates included
+
+
+class InfoSteerSpec(BaseModel):
+    """`steer.infosteer`: FFN memory amplification (see README, "InfoSteer formulas")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    layers: Literal["all"] | list[int] = Field(
+        "all", max_length=MAX_LAYER_LIST, description='"all" or 0-based decoder layer indices'
+    )
+    mode: Literal["scale", "topk", "lift"] = "scale"
+    alpha: float = Field(1.0, ge=ALPHA_MIN, le=ALPHA_MAX, allow_inf_nan=False)
+    k: int | None = Field(None, description="topk only: coefficients amplified per token, 1..FFN width")
+    p: float | None = Field(
+        None, gt=0.0, le=1.0, allow_inf_nan=False, description="lift only: fraction lifted per token (default 0.01)"
+    )
+
+
+class SteerSpec(BaseModel):
+    """The `steer` object of a request."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    infosteer: InfoSteerSpec | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about the served model."""
+
+    architecture: str
+    num_layers: int
+    ffn_width: int
+    ffn_steerable: bool
+    tensor_parallel_size: int = 1
+
+
+class SteerError(ValueError):
+    """A bad `steer` value; `field` is the dotted path from the request body."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+_ALLOWED = {
+    "steer": sorted(SteerSpec.model_fields),
+    "steer.infosteer": sorted(InfoSteerSpec.model_fields),
+}
+
+
+def _from_validation_error(err: ValidationError) -> SteerError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in ("steer", *first["loc"]))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        parent = loc.rsplit(".", 1)[0]
+        msg = f"unknown key; allowed keys: {', '.join(_ALLOWED.get(parent, []))}"
+    elif loc == "steer.infosteer.alpha":
+        msg = f"{msg} (allowed range [{ALPHA_MIN}, {ALPHA_MAX}])"
+    elif loc == "steer.infosteer.p":
+        msg = f"{msg} (allowed range (0, 1])"
+    return SteerError(loc, msg)
+
+
+def parse_spec(raw: object) -> SteerSpec:
+    """Validate the raw JSON value of `steer` (None or {} means no steering)."""
+    if raw is None:
+        return SteerSpec()
+    if not isinstance(raw, dict):
+        raise SteerError("steer", f"must be an object, got {type(raw).__name__}")
+    try:
+        return SteerSpec.model_validate(raw)
+    except ValidationError as err:
+        raise _from_validation_error(err) from None
+
+
+def _resolve_layers(layers: str | list[int], info: ModelInfo) -> tuple[int, ...]:
+    if layers == "all":
+        return tuple(range(info.num_layers))
+    for i, layer in enumerate(layers):
+        if not 0 <= layer < info.num_layers:
+            raise SteerError(
+                f"steer.infosteer.layers[{i}]",
+                f"layer {layer} out of range; allowed 0..{info.num_layers - 1} for this model",
+            )
+    return tuple(sorted(set(layers)))
+
+
+def _normalise_infosteer(spec: InfoSteerSpec, info: ModelInfo) -> InfoSteerPlan | None:
+    field = "steer.infosteer"
+    if not info.ffn_steerable:
+        raise SteerError(
+            field, f"the served model ({info.architecture}) has no FFN steering support; "
+            "supported: Llama and Qwen2 architectures"
+        )
+    if spec.mode != "topk" and spec.k is not None:
+        raise SteerError(f"{field}.k", f'only applies to mode "topk" (mode is "{spec.mode}")')
+    if spec.mode != "lift" and spec.p is not None:
+        raise SteerError(f"{field}.p", f'only applies to mode "lift" (mode is "{spec.mode}")')
+    if spec.mode != "scale" and info.tensor_parallel_size > 1:
+        raise SteerError(
+            f"{field}.mode", f'"{spec.mode}" needs whole FFN rows; under tensor parallelism only "scale" is supported'
+        )
+    layers = _resolve_layers(spec.layers, info)
+    k = m = 0
+    p = 0.0
+    if spec.mode == "topk":
+        if spec.k is None:
+            raise SteerError(f"{field}.k", f'required for mode "topk"; allowed 1..{info.ffn_width}')
+        if not 1 <= spec.k <= info.ffn_width:
+            raise SteerError(f"{field}.k", f"{spec.k} out of range; allowed 1..{info.ffn_width} (the FFN width)")
+        k = spec.k
+    if spec.mode == "lift":
+        p = 0.01 if spec.p is None else spec.p
+        m = lift_count(p, info.ffn_width)
+        if m < 1:
+            raise SteerError(
+                f"{field}.p", f"{p} lifts no coefficient of an FFN of width {info.ffn_width}; "
+                f"allowed range [{1 / info.ffn_width:.6g}, 1]"
+            )
+    neutral = not layers or (spec.mode in ("scale", "topk") and spec.alpha == 1.0)
+    if neutral:
+        return None
+    return InfoSteerPlan(layers=layers, mode=spec.mode, alpha=float(spec.alpha), k=k, m=m, p=p)
+
+
+def normalise(raw: object, info: ModelInfo) -> SteerPlan:
+    """Raw `steer` JSON -> the normalised plan (only the steers that do something)."""
+    spec = parse_spec(raw)
+    infosteer = _normalise_infosteer(spec.infosteer, info) if spec.infosteer is not None else None
+    return SteerPlan(infosteer=infosteer)
