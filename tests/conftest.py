@@ -1,0 +1,55 @@
+import gc
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return build_tiny("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2")
+
+
+def model_info(model_dir: Path, steerable: bool = True):
+    from steerserve.server.schema import ModelInfo
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return ModelInfo(
+        architecture=cfg["architectures"][0], num_layers=cfg["num_hidden_layers"],
+        ffn_width=cfg["intermediate_size"], ffn_steerable=steerable,
+    )
+
+
+def make_engine(model_dir: Path, **kw):
+    """A steerable vLLM engine on a local checkpoint (fp32, eager unless told otherwise)."""
+    from vllm import LLM
+
+    from steerserve.patches import STEERABLE_ARCHITECTURES
+
+    arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+    args = dict(
+        model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+        kv_cache_memory_bytes=1 << 28, enable_prefix_caching=True,
+        hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
+    )
+    args.update(kw)
+    return LLM(**args)
+
+
+def close_engine(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()

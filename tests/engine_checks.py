@@ -1,0 +1,119 @@
+"""Engine-level checks shared by the Llama, Qwen2 and torch.compile test modules.
+
+Each takes a live steerable engine (`llm`), the checkpoint folder and a loaded Hugging Face copy
+of the same checkpoint for the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+from vllm import SamplingParams
+
+from steerserve.patches.plan import SteerPlan
+from steerserve.patches.reference import token_logprobs
+from steerserve.server.schema import normalise
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog because",
+    "Once upon a time in a land far away, there lived",
+    "In 1492, Columbus sailed the ocean blue and then",
+    "The recipe calls for two cups of flour, one egg and",
+    "Machine learning models are trained on data that",
+    "The capital of France is a city known for",
+]
+# reference vs engine, float32 on CPU: max |logprob difference| allowed per token
+LOGPROB_TOL = 2e-3
+
+
+def plans(info) -> dict[str, SteerPlan]:
+    """One plan per InfoSteer mode, on different layer sets (normalised as the server does)."""
+    last = info.num_layers - 1
+    return {
+        "scale": normalise({"infosteer": {"mode": "scale", "alpha": 2.5, "layers": "all"}}, info),
+        "topk": normalise({"infosteer": {"mode": "topk", "alpha": 4.0, "k": 8, "layers": [0, last]}}, info),
+        "lift": normalise({"infosteer": {"mode": "lift", "alpha": 3.0, "p": 0.1, "layers": [1, 2]}}, info),
+    }
+
+
+def params(plan: SteerPlan | None, max_tokens: int = 12) -> SamplingParams:
+    extra = {"steer": plan.to_json()} if plan is not None and not plan.is_empty else None
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True, extra_args=extra)
+
+
+def prompt(text: str, plan: SteerPlan | None) -> dict:
+    p: dict = {"prompt": text}
+    if plan is not None and not plan.is_empty:
+        p["cache_salt"] = f"steer:{plan.fingerprint()}"
+    return p
+
+
+def run(llm, items: list[tuple[str, SteerPlan | None]], max_tokens: int = 12, reset_cache: bool = True):
+    """Generate for (prompt, plan) pairs in one batch; returns [(token_ids, [logprob...])]."""
+    if reset_cache:
+        assert llm.reset_prefix_cache()
+    outs = llm.generate([prompt(t, p) for t, p in items], [params(p, max_tokens) for _, p in items],
+                        use_tqdm=False)
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)]
+        result.append((list(c.token_ids), lps, list(o.prompt_token_ids), o.num_cached_tokens))
+    return result
+
+
+def check_mixed_batch_bit_identical(llm, info) -> None:
+    """Unsteered rows of a batch with steered neighbours == the same batch all unsteered, bit for bit;
+    steered rows differ."""
+    p = plans(info)
+    plain = run(llm, [(t, None) for t in PROMPTS])
+    mixed_plans = [None, p["scale"], None, p["topk"], p["lift"], None]
+    mixed = run(llm, list(zip(PROMPTS, mixed_plans)))
+    for i, plan in enumerate(mixed_plans):
+        if plan is None:
+            assert mixed[i][0] == plain[i][0], f"row {i} tokens changed by steered neighbours"
+            assert mixed[i][1] == plain[i][1], f"row {i} logprobs changed by steered neighbours"
+        else:
+            assert mixed[i][1] != plain[i][1], f"row {i} ({plan.infosteer.mode}) was not steered"
+
+
+def check_neutral_identity(llm, info) -> None:
+    """A plan that multiplies by exactly 1.0 (bypassing the server's neutral filter) is bit-identical
+    to no plan: the steered path itself does not perturb values."""
+    from steerserve.patches.plan import InfoSteerPlan
+
+    ones = SteerPlan(infosteer=InfoSteerPlan(layers=tuple(range(info.num_layers)), mode="scale", alpha=1.0))
+    plain = run(llm, [(t, None) for t in PROMPTS[:3]])
+    neutral = run(llm, [(t, ones) for t in PROMPTS[:3]])
+    assert [x[:2] for x in plain] == [x[:2] for x in neutral]
+
+
+def check_reference_parity(llm, hf_model, info, max_tokens: int = 12) -> float:
+    """Engine logprobs of steered generations == the Hugging Face hooks reference (teacher forced)
+    within LOGPROB_TOL, for each mode, in one mixed batch. Returns the max difference seen."""
+    p = plans(info)
+    items = [(PROMPTS[0], p["scale"]), (PROMPTS[1], None), (PROMPTS[2], p["topk"]), (PROMPTS[3], p["lift"])]
+    outs = run(llm, items, max_tokens)
+    worst = 0.0
+    for (_, plan), (toks, lps, prompt_ids, _) in zip(items, outs):
+        ref = token_logprobs(hf_model, prompt_ids, toks, plan)
+        diff = max(abs(a - b) for a, b in zip(lps, ref))
+        worst = max(worst, diff)
+        assert diff < LOGPROB_TOL, f"{plan.applied() if plan else 'plain'}: engine vs reference diff {diff}"
+    return worst
+
+
+def check_prefix_cache_salted(llm, info) -> None:
+    """A steered request never reuses unsteered KV, and a repeat of it hits its own cache."""
+    p = plans(info)["scale"]
+    long_prompt = " ".join(PROMPTS * 3)  # more than one full 128-token KV block
+    assert llm.reset_prefix_cache()
+    cold = run(llm, [(long_prompt, p)], reset_cache=True)[0]
+    run(llm, [(long_prompt, None)], reset_cache=True)  # warm the cache with unsteered KV
+    after_plain = run(llm, [(long_prompt, p)], reset_cache=False)[0]
+    assert after_plain[3] == 0, "steered request reused unsteered KV blocks"
+    assert after_plain[:2] == cold[:2]
+    repeat = run(llm, [(long_prompt, p)], reset_cache=False)[0]
+    assert repeat[3] > 0, "repeat of a steered request did not hit its own cache"
+    assert repeat[0] == cold[0]
+    other = normalise({"infosteer": {"mode": "scale", "alpha": 0.5}}, info)
+    differently = run(llm, [(long_prompt, other)], reset_cache=False)[0]
+    assert differently[3] == 0, "request steered differently reused another plan's KV"
