@@ -64,7 +64,7 @@ def take_plan(request, raw_request: Request) -> tuple[SteerPlan | None, JSONResp
     """
     extra = request.model_extra or {}
     if request.vllm_xargs and EXTRA_ARGS_KEY in request.vllm_xargs:
-        return None, bad_request("vllm_xargs.steer", "reserved for steerserve; pass steering as the `steer` field")
+        return None, bad_request("vllm_xargs.steer", "vllm_xargs.steer is reserved for steerserve; pass steering as the `steer` field")
     if STEER_FIELD not in extra:
         return None, None
     raw = extra.pop(STEER_FIELD)

@@ -73,9 +73,23 @@ _ALLOWED = {
 
 def _from_validation_error(err: ValidationError) -> SteerError:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in ("steer", *first["loc"]))
+    parts: list[str] = ["steer"]
+    in_union = False
+    for part in first["loc"]:
+        if isinstance(part, int):
+            parts[-1] += f"[{part}]"
+        elif part.isidentifier():
+            parts.append(part)
+        else:  # a union member's tag, such as "literal['all']" or "list[int]"
+            in_union = True
+            break
+    loc = ".".join(parts)
     msg = first["msg"]
-    if first["type"] == "extra_forbidden":
+    if in_union and loc == "steer.infosteer.layers":
+        msg = 'must be "all" or a list of integer layer indices'
+    elif first["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "must be an object"
+    elif first["type"] == "extra_forbidden":
         parent = loc.rsplit(".", 1)[0]
         msg = f"unknown key; allowed keys: {', '.join(_ALLOWED.get(parent, []))}"
     elif loc == "steer.infosteer.alpha":

@@ -1,0 +1,154 @@
+"""`steerserve bench`: InfoSteer throughput, side by side in one run.
+
+Drives one steerable vLLM engine with the same workload (N chat prompts x T generated tokens,
+all submitted at once) as: all plain; all InfoSteer (one shared configuration, all layers); half and
+half; every request with its own configuration (N distinct alphas); and the Hugging Face hooks
+reference, which holds one configuration at a time (as hook-based steering libraries do) and so
+runs each distinct configuration as its own batch. Prints tokens/s and the ratios, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+TOPICS = [
+    "the water cycle", "how vaccines work", "the history of Rome", "black holes", "photosynthesis",
+    "the French revolution", "machine learning", "volcanoes", "the stock market", "honey bees",
+    "the printing press", "climate change", "the human heart", "electric cars", "the moon landing",
+    "ancient Egypt", "quantum computers", "the immune system", "coral reefs", "the internet",
+    "earthquakes", "the Renaissance", "DNA", "solar panels", "the Great Wall of China", "rainbows",
+    "antibiotics", "the Olympic games", "glaciers", "jazz music", "the periodic table", "tea",
+]
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
+    p.add_argument("--requests", type=int, default=32, help="concurrent requests per run (default 32)")
+    p.add_argument("--max-tokens", type=int, default=128, help="generated tokens per request (default 128)")
+    p.add_argument("--dtype", default="float32", help="engine and reference dtype (default float32, see README)")
+    p.add_argument("--alpha", type=float, default=1.5, help="InfoSteer scale alpha of the shared configuration")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine (default eager)")
+    p.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face reference runs")
+    p.add_argument("--repeats", type=int, default=1, help="run every engine workload this many times, keep the best")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _prompts(tokenizer, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"Write a short explanation of {TOPICS[i % len(TOPICS)]} for a child."}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return out
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from steerserve.patches import STEERABLE_ARCHITECTURES
+    from steerserve.patches.plan import SteerPlan
+    from steerserve.patches.reference import greedy_generate
+    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.schema import ModelInfo, normalise
+
+    model_dir = Path(args.model) if args.model else ensure_embedded_model()
+    cfg = json.loads((model_dir / "config.json").read_text())
+    arch = cfg["architectures"][0]
+    info = ModelInfo(arch, cfg["num_hidden_layers"], cfg["intermediate_size"], True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = _prompts(tok, args.requests)
+    n, T = args.requests, args.max_tokens
+
+    shared = normalise({"infosteer": {"mode": "scale", "alpha": args.alpha}}, info)
+    distinct = [normalise({"infosteer": {"mode": "scale", "alpha": round(0.5 + 1.5 * i / max(n - 1, 1), 4)}}, info)
+                for i in range(n)]
+    workloads: dict[str, list[SteerPlan | None]] = {
+        "plain": [None] * n,
+        "all_infosteer": [shared] * n,
+        "half_half": [shared if i % 2 else None for i in range(n)],
+        "distinct_configs": distinct,
+    }
+
+    _log(f"engine: {model_dir.name}, {args.dtype}, {'compiled' if args.compile else 'eager'}; "
+         f"{n} requests x {T} tokens per run")
+    llm = LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=not args.compile, max_model_len=1024,
+              kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
+              hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]})
+
+    def params(plan):
+        extra = {"steer": plan.to_json()} if plan else None
+        return SamplingParams(max_tokens=T, min_tokens=T, ignore_eos=True, temperature=0.0, extra_args=extra)
+
+    def engine_run(plans) -> float:
+        llm.reset_prefix_cache()
+        items = [{"prompt_token_ids": p, **({"cache_salt": pl.fingerprint()} if pl else {})}
+                 for p, pl in zip(prompts, plans)]
+        t0 = time.perf_counter()
+        outs = llm.generate(items, [params(pl) for pl in plans], use_tqdm=False)
+        dt = time.perf_counter() - t0
+        assert all(len(o.outputs[0].token_ids) == T for o in outs)
+        return dt
+
+    engine_run([None] * n)  # warm-up
+    results: dict = {"config": {"model": model_dir.name, "requests": n, "max_tokens": T, "dtype": args.dtype,
+                                "compiled": args.compile, "torch_threads": torch.get_num_threads()}, "runs": {}}
+    # interleave repeats so that drift of the machine hits every workload alike
+    best = {name: float("inf") for name in workloads}
+    for r in range(args.repeats):
+        for name, plans in workloads.items():
+            dt = engine_run(plans)
+            best[name] = min(best[name], dt)
+            _log(f"engine {name} (repeat {r + 1}/{args.repeats}): {n * T / dt:.1f} tok/s")
+    for name, dt in best.items():
+        results["runs"][f"engine_{name}"] = {"seconds": dt, "tok_per_s": n * T / dt}
+    del llm
+
+    if not args.skip_hf:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        t0 = time.perf_counter()
+        greedy_generate(hf, prompts, T, shared, pad)
+        dt = time.perf_counter() - t0
+        results["runs"]["hf_shared_config"] = {"seconds": dt, "tok_per_s": n * T / dt}
+        _log(f"HF hooks, one shared configuration, batch {n}: {n * T / dt:.1f} tok/s")
+        t0 = time.perf_counter()
+        for i, (p, plan) in enumerate(zip(prompts, distinct)):
+            greedy_generate(hf, [p], T, plan, pad)
+            _log(f"HF hooks, distinct configurations: {i + 1}/{n} batches done")
+        dt = time.perf_counter() - t0
+        results["runs"]["hf_distinct_configs"] = {"seconds": dt, "tok_per_s": n * T / dt}
+
+    runs = results["runs"]
+    tps = {k: v["tok_per_s"] for k, v in runs.items()}
+    ratios = {
+        "all_infosteer_vs_plain": tps["engine_all_infosteer"] / tps["engine_plain"],
+        "half_half_vs_plain (unsteered rows' speed)": tps["engine_half_half"] / tps["engine_plain"],
+        "distinct_configs_vs_plain": tps["engine_distinct_configs"] / tps["engine_plain"],
+    }
+    targets = {"all_infosteer_vs_plain": 0.95, "half_half_vs_plain (unsteered rows' speed)": 0.97}
+    if "hf_shared_config" in tps:
+        ratios["engine_vs_hf_distinct_configs"] = tps["engine_distinct_configs"] / tps["hf_distinct_configs"]
+        ratios["engine_vs_hf_shared_config"] = tps["engine_all_infosteer"] / tps["hf_shared_config"]
+        targets["engine_vs_hf_distinct_configs"] = 10.0
+    results["ratios"] = ratios
+    print(f"\n{'run':<28}{'tok/s':>10}{'seconds':>10}")
+    for k, v in runs.items():
+        print(f"{k:<28}{v['tok_per_s']:>10.1f}{v['seconds']:>10.2f}")
+    print(f"\n{'ratio':<46}{'value':>8}  target")
+    for k, v in ratios.items():
+        goal = targets.get(k)
+        verdict = "" if goal is None else f">= {goal}  {'met' if v >= goal else 'NOT met'}"
+        print(f"{k:<46}{v:>8.3f}  {verdict}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,213 @@
+"""End to end: `steerserve serve` on the embedded SmolLM2 model, on loopback, with an API key,
+driven by the official OpenAI SDK (and the `steerserve chat` CLI)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from steerserve.clients import Steer
+
+pytestmark = pytest.mark.e2e
+
+API_KEY = "test-key-123"
+MODEL = "smol"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "steerserve.clients.cli", "serve", "--port", str(port), "--api-key", API_KEY,
+           "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"server did not become healthy:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    yield base
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def chat(client, steer: dict | None = None, **kw):
+    args = dict(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0.0)
+    args.update(kw)
+    if steer is not None:
+        args["extra_body"] = {"steer": steer}
+    return client.chat.completions.create(**args)
+
+
+def test_models_health_and_auth(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server}/health").status_code == 200  # health is not guarded
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        chat(bad)
+
+
+def test_plain_chat_answers(client):
+    r = chat(client)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+    assert "steer" not in (r.model_extra or {})  # no steer field -> no echo
+
+
+def test_steered_chat_differs_and_echoes(client):
+    plain = chat(client, logprobs=True)
+    steered = chat(client, Steer().infosteer(alpha=2.5, layers=list(range(10, 20))).to_dict(), logprobs=True)
+    echo = steered.model_extra["steer"]
+    assert echo["applied"] == [{"steer": "infosteer", "mode": "scale", "alpha": 2.5, "layers": list(range(10, 20))}]
+    assert len(echo["fingerprint"]) == 16
+    plain_lp = [t.logprob for t in plain.choices[0].logprobs.content]
+    steered_lp = [t.logprob for t in steered.choices[0].logprobs.content]
+    assert plain_lp != steered_lp
+
+
+@pytest.mark.parametrize("steer", [{}, {"infosteer": {"alpha": 1.0}}, {"infosteer": {"alpha": 3.0, "layers": []}}])
+def test_neutral_steer_is_applied_as_nothing(client, steer):
+    plain = chat(client, logprobs=True)
+    r = chat(client, steer, logprobs=True)
+    assert r.model_extra["steer"]["applied"] == []
+    assert "no steering" in r.model_extra["steer"]["note"]
+    assert r.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_streaming_echo_on_first_chunk(client):
+    steer = {"infosteer": {"mode": "lift", "alpha": 1.5, "p": 0.02, "layers": [3, 1, 3]}}
+    chunks = list(chat(client, steer, stream=True, stream_options={"include_usage": True}))
+    echo = chunks[0].model_extra["steer"]
+    assert echo["applied"][0]["layers"] == [1, 3] and echo["applied"][0]["lifted_per_token"] == 30
+    assert all("steer" not in (c.model_extra or {}) for c in chunks[1:])
+    assert chunks[-1].usage is not None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+
+
+def test_completions_with_logprobs_stop_seed_n(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0.8,
+                                  seed=7, n=2, logprobs=2, stop=["\n\n"],
+                                  extra_body={"steer": {"infosteer": {"mode": "topk", "k": 64, "alpha": 1.5}}})
+    assert len(r.choices) == 2 and r.usage.completion_tokens > 0
+    assert all(len(c.logprobs.top_logprobs[0]) >= 2 for c in r.choices)
+    assert r.model_extra["steer"]["applied"][0]["k"] == 64
+    again = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0.8,
+                                      seed=7, n=2, stop=["\n\n"],
+                                      extra_body={"steer": {"infosteer": {"mode": "topk", "k": 64, "alpha": 1.5}}})
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded sampling repeats
+    stream = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=8, temperature=0, stream=True,
+                                       extra_body={"steer": {"infosteer": {"alpha": 0.5}}})
+    chunks = list(stream)
+    assert chunks[0].model_extra["steer"]["applied"][0]["alpha"] == 0.5
+
+
+BAD = [
+    ({"nope": 1}, "steer.nope"),
+    ({"infosteer": {"alpha": 11}}, "steer.infosteer.alpha"),
+    ({"infosteer": {"alpha": -0.5}}, "steer.infosteer.alpha"),
+    ({"infosteer": {"alpha": "2"}}, "steer.infosteer.alpha"),
+    ({"infosteer": {"alpha": 2, "layers": [0, 30]}}, "steer.infosteer.layers[1]"),
+    ({"infosteer": {"alpha": 2, "layers": "some"}}, "steer.infosteer.layers"),
+    ({"infosteer": {"alpha": 2, "mode": "boost"}}, "steer.infosteer.mode"),
+    ({"infosteer": {"alpha": 2, "mode": "topk"}}, "steer.infosteer.k"),
+    ({"infosteer": {"alpha": 2, "mode": "topk", "k": 1537}}, "steer.infosteer.k"),
+    ({"infosteer": {"alpha": 2, "mode": "lift", "p": 0.0001}}, "steer.infosteer.p"),
+    ({"infosteer": {"alpha": 2, "k": 5}}, "steer.infosteer.k"),
+    ({"infosteer": {"alpha": 2, "extra": True}}, "steer.infosteer.extra"),
+    ([1, 2], "steer"),
+]
+
+
+@pytest.mark.parametrize("steer,field", BAD)
+def test_bad_steer_is_400_naming_the_field(client, steer, field):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, steer)
+    assert info.value.status_code == 400
+    assert field in info.value.message
+    assert info.value.body["param"] == field
+
+
+def test_reserved_xargs_and_server_survives(server, client):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, None, extra_body={"vllm_xargs": {"steer": '{"infosteer": {"layers": [99]}}'}})
+    assert "vllm_xargs.steer" in info.value.message
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert "Paris" in chat(client).choices[0].message.content
+
+
+def test_mixed_concurrent_batch(client):
+    """Steered and unsteered requests in flight together: each gets its own steering."""
+    plain_solo = chat(client, max_tokens=16).choices[0].message.content
+    steers = [None, {"infosteer": {"alpha": 3.0}}, None, {"infosteer": {"alpha": 0.2, "layers": [5, 6]}}] * 3
+    with cf.ThreadPoolExecutor(len(steers)) as pool:
+        results = list(pool.map(lambda s: chat(client, s, max_tokens=16), steers))
+    for steer, r in zip(steers, results):
+        text = r.choices[0].message.content
+        if steer is None:
+            assert text == plain_solo  # float32: batching does not move these greedy tokens
+            assert "steer" not in (r.model_extra or {})
+        else:
+            assert r.model_extra["steer"]["applied"][0]["alpha"] == steer["infosteer"]["alpha"]
+    strong = [r.choices[0].message.content for s, r in zip(steers, results) if s and s["infosteer"]["alpha"] == 3.0]
+    assert all(t != plain_solo for t in strong) and len(set(strong)) == 1
+
+
+def test_metrics_count_steers(server):
+    text = httpx.get(f"{server}/metrics").text
+    assert 'steerserve_requests_total{endpoint="chat",steer="infosteer"}' in text
+    assert 'steerserve_steer_rejected_total{field="steer.infosteer.alpha"}' in text
+    assert "vllm:num_requests_running" in text
+
+
+def test_chat_cli(server):
+    env = dict(os.environ, STEERSERVE_API_KEY=API_KEY)
+    out = subprocess.run(
+        [sys.executable, "-m", "steerserve.clients.cli", "chat", "What is the capital of France?",
+         "--base-url", f"{server}/v1", "--infosteer-alpha", "1.2", "--infosteer-layers", "0,1", "--show-steer"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert '"layers": [0, 1]' in out.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "steerserve.clients.cli", "chat", "hi", "--base-url", f"{server}/v1",
+         "--infosteer-alpha", "2", "--infosteer-layers", "77"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert bad.returncode == 1 and "steer.infosteer.layers[0]" in bad.stderr
