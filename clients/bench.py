@@ -29,7 +29,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
     p.add_argument("--requests", type=int, default=32, help="concurrent requests per run (default 32)")
     p.add_argument("--max-tokens", type=int, default=128, help="generated tokens per request (default 128)")
-    p.add_argument("--dtype", default="float32", help="engine and reference dtype (default float32, see README)")
+    p.add_argument("--dtype", default="bfloat16", help="engine and reference dtype (default bfloat16)")
     p.add_argument("--alpha", type=float, default=1.5, help="InfoSteer scale alpha of the shared configuration")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine (default eager)")
     p.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face reference runs")

@@ -35,7 +35,10 @@ def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "steerserve.clients.cli", "serve", "--port", str(port), "--api-key", API_KEY,
-           "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1"]
+           "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1",
+           # float32: greedy answers do not move with batch composition, so the mixed-batch test can
+           # compare texts exactly (and "Paris" beats a near-tie that bfloat16 flips to "L'...")
+           "--dtype", "float32"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -1,0 +1,62 @@
+"""`steerserve serve` argument translation and the typed `Steer` builder."""
+
+import argparse
+import json
+
+import pydantic
+import pytest
+
+from steerserve.clients import Steer
+from steerserve.server import cli
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    cli.add_serve_args(p)
+    return p.parse_args(list(argv))
+
+
+def _model(tmp_path, arch):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    return tmp_path
+
+
+def test_defaults_serve_loopback_eager_without_auth(tmp_path, monkeypatch):
+    monkeypatch.delenv("STEERSERVE_API_KEY", raising=False)
+    args = _args()
+    argv = cli.vllm_argv(args, _model(tmp_path, "LlamaForCausalLM"))
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8000"
+    assert "--api-key" not in argv and "--enforce-eager" in argv and "--enable-prefix-caching" in argv
+    assert json.loads(argv[argv.index("--hf-overrides") + 1]) == {"architectures": ["SteerableLlamaForCausalLM"]}
+    assert argv[argv.index("--dtype") + 1] == "auto"
+
+
+def test_flags_map_to_vllm(tmp_path):
+    args = _args("--api-key", "k", "--compile", "--kv-cache-gb", "0.5", "--max-model-len", "1024",
+                 "--served-model-name", "m", "--vllm-arg=--max-num-batched-tokens=512")
+    argv = cli.vllm_argv(args, _model(tmp_path, "Qwen2ForCausalLM"))
+    assert argv[argv.index("--api-key") + 1] == "k" and "--enforce-eager" not in argv
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1 << 29)
+    assert "SteerableQwen2ForCausalLM" in argv[argv.index("--hf-overrides") + 1]
+    assert argv[-1] == "--max-num-batched-tokens=512"
+
+
+def test_unsupported_architecture_served_plain(tmp_path):
+    assert "--hf-overrides" not in cli.vllm_argv(_args(), _model(tmp_path, "GPT2LMHeadModel"))
+
+
+def test_plugin_allowlist_keeps_user_plugins(monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", "theirs")
+    cli.enable_plugins()
+    import os
+
+    assert os.environ["VLLM_PLUGINS"] == "theirs,steerserve,steerserve_api"
+
+
+def test_steer_builder():
+    s = Steer().infosteer(alpha=1.5, layers=[1, 2], mode="topk", k=8)
+    assert s.extra_body(user="u") == {
+        "steer": {"infosteer": {"layers": [1, 2], "mode": "topk", "alpha": 1.5, "k": 8}}, "user": "u"}
+    assert Steer().to_dict() == {}
+    with pytest.raises(pydantic.ValidationError):
+        Steer().infosteer(alpha=50)

@@ -1,0 +1,68 @@
+"""The per-step context and the registered op: rows, grouping, and survival under torch.compile."""
+
+import torch
+
+from steerserve.patches import infosteer
+from steerserve.patches.context import build_step_context, current, ffn_steer_, use_step_context
+from steerserve.patches.plan import InfoSteerPlan
+
+SCALE = InfoSteerPlan(layers=(0, 2), mode="scale", alpha=2.0)
+TOPK = InfoSteerPlan(layers=(1,), mode="topk", alpha=3.0, k=2)
+LIFT = InfoSteerPlan(layers=(0,), mode="lift", alpha=1.5, m=3)
+
+
+def test_no_entries_means_no_context():
+    assert build_step_context([], "cpu") is None
+
+
+def test_op_touches_only_the_steered_rows_of_its_layers():
+    torch.manual_seed(0)
+    x = torch.randn(10, 8)
+    # request A: rows 0-3 (prefill chunk), B: row 4 (decode), C: rows 5-6, rows 7-9 unsteered
+    ctx = build_step_context([(SCALE, 0, 4), (TOPK, 4, 5), (LIFT, 5, 7)], "cpu")
+    assert ctx.num_steered_requests == 3
+    layer0 = x.clone()
+    with use_step_context(ctx):
+        ffn_steer_(layer0, 0)
+    assert current() is None
+    torch.testing.assert_close(layer0[0:4], x[0:4] * 2.0)
+    assert torch.equal(layer0[4], x[4])  # TOPK is not on layer 0
+    torch.testing.assert_close(layer0[5:7], infosteer.apply_one(x[5:7], "lift", 1.5, m=3))
+    assert torch.equal(layer0[7:], x[7:])
+    layer1 = x.clone()
+    with use_step_context(ctx):
+        ffn_steer_(layer1, 1)
+    assert torch.equal(layer1[:4], x[:4]) and torch.equal(layer1[5:], x[5:])
+    torch.testing.assert_close(layer1[4:5], infosteer.apply_one(x[4:5], "topk", 3.0, k=2))
+
+
+def test_requests_with_one_config_share_a_group():
+    ctx = build_step_context([(SCALE, 0, 2), (SCALE, 2, 3), (SCALE, 5, 6)], "cpu")
+    (group,) = ctx.ffn_groups[0]
+    assert group.rows.tolist() == [0, 1, 2, 5]
+    assert ctx.ffn_groups[2] == [group]
+    distinct = [(InfoSteerPlan(layers=(0, 2), mode="scale", alpha=1 + i / 10), i, i + 1) for i in range(32)]
+    ctx = build_step_context(distinct, "cpu")
+    assert len(ctx.ffn_groups[0]) == 1  # 32 distinct alphas: still one batched op per layer
+    assert torch.allclose(ctx.ffn_groups[0][0].alpha, torch.tensor([1 + i / 10 for i in range(32)]))
+
+
+def test_op_runs_inside_a_compiled_graph():
+    """Compiled while no context is set, the graph still applies a context published later."""
+
+    def mlp(x):
+        h = torch.nn.functional.silu(x) * 2
+        ffn_steer_(h, 0)
+        return h.sum(-1)
+
+    compiled = torch.compile(mlp, fullgraph=True)
+    x = torch.randn(4, 8)
+    plain = compiled(x)
+    torch.testing.assert_close(plain, mlp(x))
+    ctx = build_step_context([(SCALE, 1, 3)], "cpu")
+    with use_step_context(ctx):
+        steered = compiled(x)
+    expected = plain.clone()
+    expected[1:3] *= 2.0
+    torch.testing.assert_close(steered, expected)
+    assert torch.equal(steered[0], plain[0]) and torch.equal(steered[3], plain[3])

@@ -1,0 +1,109 @@
+"""Every private vLLM surface steerserve touches (see patches/vllm_adapter.py) still exists in the
+installed vLLM with the shape we rely on. A failure here means: vLLM changed, update the adapter."""
+
+import inspect
+from types import SimpleNamespace
+
+import numpy as np
+
+from steerserve.patches import vllm_adapter
+from steerserve.patches.plan import InfoSteerPlan, SteerPlan
+
+
+def test_pinned_vllm_version():
+    import vllm
+
+    assert vllm.__version__.startswith("0.32.0"), f"steerserve is pinned to vLLM 0.32.0, found {vllm.__version__}"
+
+
+def test_runner_forward_hook_point():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert issubclass(CPUModelRunner, GPUModelRunner)
+    assert "_model_forward" not in CPUModelRunner.__dict__, "CPU runner overrides _model_forward: hook it too"
+    original = inspect.unwrap(GPUModelRunner._model_forward)
+    params = list(inspect.signature(original).parameters)
+    assert params[:3] == ["self", "input_ids", "positions"]
+    src = inspect.getsource(GPUModelRunner)
+    assert "self.query_start_loc = self._make_buffer(" in src
+    assert "self._model_forward(" in inspect.getsource(GPUModelRunner.execute_model)
+    assert "self.requests: dict[str, CachedRequestState]" in inspect.getsource(GPUModelRunner.__init__)
+
+
+def test_runner_hook_installed_once():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    vllm_adapter.install_runner_hook()
+    first = GPUModelRunner._model_forward
+    vllm_adapter.install_runner_hook()
+    assert GPUModelRunner._model_forward is first and getattr(first, "_steerserve_wrapped")
+
+
+def test_batch_and_request_state_fields():
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+
+    assert "sampling_params" in CachedRequestState.__dataclass_fields__
+    assert isinstance(InputBatch.req_ids, property)
+    assert "num_reqs" in dir(InputBatch)
+    from vllm import SamplingParams
+
+    assert SamplingParams(extra_args={"steer": "x"}).extra_args == {"steer": "x"}
+
+
+def test_steered_row_entries_on_a_fake_runner():
+    plan = SteerPlan(infosteer=InfoSteerPlan(layers=(0,), mode="scale", alpha=2.0))
+    mk = lambda extra: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))  # noqa: E731
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(num_reqs=3, req_ids=["a", "b", "c", "stale"]),
+        query_start_loc=SimpleNamespace(np=np.array([0, 5, 6, 9, 9])),
+        requests={"a": mk(None), "b": mk({"steer": plan.to_json()}), "c": mk({"steer": plan.to_json()}),
+                  "stale": mk({"steer": plan.to_json()})},
+    )
+    assert vllm_adapter.steered_row_entries(runner) == [(plan.infosteer, 5, 6), (plan.infosteer, 6, 9)]
+
+
+def test_mlp_layout_and_layer_index():
+    from vllm.model_executor.models.llama import LlamaMLP
+    from vllm.model_executor.models.qwen2 import Qwen2MLP
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    for cls in (LlamaMLP, Qwen2MLP):
+        src = inspect.getsource(cls.__init__)
+        for attr in ("self.gate_up_proj", "self.down_proj", "self.act_fn"):
+            assert attr in src, f"{cls.__name__} lost {attr}"
+    assert extract_layer_index("model.layers.17.mlp") == 17
+
+
+def test_http_surface():
+    s = vllm_adapter.http_surface()
+    for handler in (s.stock_chat_handler, s.stock_completion_handler):
+        assert inspect.iscoroutinefunction(handler)
+        assert list(inspect.signature(handler).parameters) == ["request", "raw_request"]
+    for model in (s.ChatCompletionRequest, s.CompletionRequest):
+        assert {"vllm_xargs", "cache_salt"} <= set(model.model_fields)
+        assert model.model_config.get("extra") == "allow"  # `steer` arrives in model_extra
+    assert set(s.ErrorResponse.model_fields) == {"error"}
+
+
+def test_endpoint_plugin_and_launcher_surface():
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.plugins import load_endpoint_plugins
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from steerserve.server.api import SteerEndpointPlugin
+
+    assert isinstance(SteerEndpointPlugin(), EndpointPlugin)
+    assert inspect.iscoroutinefunction(run_server) and callable(load_endpoint_plugins)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        ["--model", "/x", "--kv-cache-memory-bytes", "1024", "--hf-overrides", '{"architectures": ["A"]}',
+         "--enforce-eager", "--api-key", "k", "--enable-prefix-caching"])
+    assert args.kv_cache_memory_bytes == 1024 and args.api_key == ["k"]
+
+
+def test_engine_client_config_fields():
+    from vllm.engine.protocol import EngineClient
+
+    assert "vllm_config" in EngineClient.__annotations__
