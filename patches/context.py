@@ -30,9 +30,20 @@ class _Group:
     alpha: torch.Tensor  # [n] float32
     count: torch.Tensor | None  # [n] int64: k (topk) or m (lift)
     count_max: int
+    span: tuple[int, int] | None = None  # (start, end) when rows are one contiguous range
+    uniform_alpha: float | None = None  # when every row has the same alpha
 
     def apply_(self, x: torch.Tensor) -> None:
         """Rewrite x[rows] in place (x: [num_tokens, d_ffn])."""
+        if self.mode == "scale":
+            # In-place multiply with float32 factors: computed in float32 and rounded once to x's
+            # dtype, exactly as infosteer.scale_rows does; one kernel on a contiguous span.
+            factor = self.uniform_alpha if self.uniform_alpha is not None else self.alpha[:, None]
+            if self.span is not None:
+                x[self.span[0] : self.span[1]].mul_(factor)
+            else:
+                x.index_copy_(0, self.rows, x.index_select(0, self.rows).mul_(factor))
+            return
         sub = x.index_select(0, self.rows)
         if self.mode == "scale":
             new = infosteer.scale_rows(sub, self.alpha)
@@ -98,26 +109,44 @@ def build_step_context(
             count = torch.repeat_interleave(torch.tensor(counts, dtype=torch.long), torch.tensor(lengths))
             count = count.to(device, non_blocking=True)
             count_max = max(counts)
+        alphas = {a for _, _, a, _ in ranges}
+        contiguous = all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
         group = _Group(
             mode=mode,
             rows=rows.to(device, non_blocking=True),
             alpha=alpha.to(device, non_blocking=True),
             count=count,
             count_max=count_max,
+            span=(ranges[0][0], ranges[-1][1]) if contiguous else None,
+            uniform_alpha=alphas.pop() if len(alphas) == 1 else None,
         )
         for layer in layers:
             ctx.ffn_groups.setdefault(layer, []).append(group)
     return ctx
 
 
-@torch.library.custom_op("steerserve::ffn_steer_", mutates_args=("x",))
-def ffn_steer_(x: torch.Tensor, layer: int) -> None:
+def apply_ffn_steer_(x: torch.Tensor, layer: int) -> None:
     """Apply this step's InfoSteer groups for `layer` to x ([num_tokens, d_ffn]) in place."""
     ctx = _current
     if ctx is None:
         return
     for group in ctx.ffn_groups.get(layer, ()):
         group.apply_(x)
+
+
+@torch.library.custom_op("steerserve::ffn_steer_", mutates_args=("x",))
+def ffn_steer_(x: torch.Tensor, layer: int) -> None:
+    """`apply_ffn_steer_` as a registered op, for compiled graphs."""
+    apply_ffn_steer_(x, layer)
+
+
+def ffn_steer(x: torch.Tensor, layer: int) -> None:
+    """What steerable layers call: the registered op under torch.compile, else the plain function
+    (same body, without the dispatcher's per-call cost on 30 layers x every eager step)."""
+    if torch.compiler.is_compiling():
+        ffn_steer_(x, layer)
+    else:
+        apply_ffn_steer_(x, layer)
 
 
 @ffn_steer_.register_fake

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .context import build_step_context, ffn_steer_, use_step_context
+from .context import build_step_context, ffn_steer, use_step_context
 from .plan import EXTRA_ARGS_KEY, parse_plan
 
 logger = logging.getLogger("steerserve")
@@ -98,7 +98,7 @@ class _SteerableMLPMixin:
     def forward(self, x):
         gate_up, _ = self.gate_up_proj(x)
         coeffs = self.act_fn(gate_up)  # [num_tokens, d_ffn / tp]: the FFN memory coefficients
-        ffn_steer_(coeffs, self.steer_layer)
+        ffn_steer(coeffs, self.steer_layer)
         out, _ = self.down_proj(coeffs)
         return out
 

@@ -64,7 +64,9 @@ def take_plan(request, raw_request: Request) -> tuple[SteerPlan | None, JSONResp
     """
     extra = request.model_extra or {}
     if request.vllm_xargs and EXTRA_ARGS_KEY in request.vllm_xargs:
-        return None, bad_request("vllm_xargs.steer", "vllm_xargs.steer is reserved for steerserve; pass steering as the `steer` field")
+        return None, bad_request(
+            "vllm_xargs.steer", "vllm_xargs.steer is reserved for steerserve; pass steering as the `steer` field"
+        )
     if STEER_FIELD not in extra:
         return None, None
     raw = extra.pop(STEER_FIELD)
@@ -89,9 +91,10 @@ async def _echo_stream(chunks: AsyncIterator, echo: dict) -> AsyncIterator[str]:
         if pending:
             text = chunk.decode() if isinstance(chunk, bytes) else chunk
             if text.startswith("data: {"):
-                payload = json.loads(text[len("data: "):])
+                event, _, rest = text.partition("\n\n")  # a chunk may hold more than one event
+                payload = json.loads(event[len("data: "):])
                 payload[STEER_FIELD] = echo
-                chunk = f"data: {json.dumps(payload)}\n\n"
+                chunk = f"data: {json.dumps(payload)}\n\n{rest}"
                 pending = False
         yield chunk
 

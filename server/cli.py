@@ -81,6 +81,10 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
         argv += ["--api-key", args.api_key]
     if not args.compile:
         argv.append("--enforce-eager")
+    else:
+        # compiled, but no CUDA graphs: a replayed graph would not run the steering op's Python
+        # body, so steering would silently stop (see README, GPU). No effect on the CPU build.
+        argv.append("-cc.cudagraph_mode=NONE")
     if args.max_num_seqs:
         argv += ["--max-num-seqs", str(args.max_num_seqs)]
     argv.append("--no-enable-prefix-caching" if args.no_prefix_caching else "--enable-prefix-caching")
@@ -98,9 +102,11 @@ def _is_loopback(host: str) -> bool:
 
 def enable_plugins() -> None:
     """vLLM loads endpoint plugins only when named in VLLM_PLUGINS (which then also filters the
-    general plugins): name ours, keeping any the user already allowed."""
+    general plugins): name ours, keeping any the user already allowed. Also pin the V1 model runner,
+    whose per-step hook steerserve uses (Model Runner V2, vLLM's default on CUDA, has another)."""
     current = [n for n in os.environ.get("VLLM_PLUGINS", "").split(",") if n]
     os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*current, *PLUGIN_NAMES]))
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -36,6 +36,7 @@ def test_flags_map_to_vllm(tmp_path):
                  "--served-model-name", "m", "--vllm-arg=--max-num-batched-tokens=512")
     argv = cli.vllm_argv(args, _model(tmp_path, "Qwen2ForCausalLM"))
     assert argv[argv.index("--api-key") + 1] == "k" and "--enforce-eager" not in argv
+    assert "-cc.cudagraph_mode=NONE" in argv
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1 << 29)
     assert "SteerableQwen2ForCausalLM" in argv[argv.index("--hf-overrides") + 1]
     assert argv[-1] == "--max-num-batched-tokens=512"
@@ -47,10 +48,12 @@ def test_unsupported_architecture_served_plain(tmp_path):
 
 def test_plugin_allowlist_keeps_user_plugins(monkeypatch):
     monkeypatch.setenv("VLLM_PLUGINS", "theirs")
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     cli.enable_plugins()
     import os
 
     assert os.environ["VLLM_PLUGINS"] == "theirs,steerserve,steerserve_api"
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
 
 
 def test_steer_builder():

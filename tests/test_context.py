@@ -3,7 +3,7 @@
 import torch
 
 from steerserve.patches import infosteer
-from steerserve.patches.context import build_step_context, current, ffn_steer_, use_step_context
+from steerserve.patches.context import build_step_context, current, ffn_steer, ffn_steer_, use_step_context
 from steerserve.patches.plan import InfoSteerPlan
 
 SCALE = InfoSteerPlan(layers=(0, 2), mode="scale", alpha=2.0)
@@ -52,7 +52,7 @@ def test_op_runs_inside_a_compiled_graph():
 
     def mlp(x):
         h = torch.nn.functional.silu(x) * 2
-        ffn_steer_(h, 0)
+        ffn_steer(h, 0)  # what steerable MLPs call: must pick the registered op when compiling
         return h.sum(-1)
 
     compiled = torch.compile(mlp, fullgraph=True)
@@ -66,3 +66,39 @@ def test_op_runs_inside_a_compiled_graph():
     expected[1:3] *= 2.0
     torch.testing.assert_close(steered, expected)
     assert torch.equal(steered[0], plain[0]) and torch.equal(steered[3], plain[3])
+
+
+def test_scale_fast_paths_equal_the_reference_formula():
+    """Contiguous and scattered uniform-alpha groups (the one-kernel paths) round exactly like
+    infosteer.scale_rows, in bfloat16 too."""
+    torch.manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(12, 16).to(dtype)
+        plan = InfoSteerPlan(layers=(0,), mode="scale", alpha=1.37)
+        for ranges in ([(2, 5), (5, 9)], [(0, 2), (6, 7), (9, 12)]):
+            ctx = build_step_context([(plan, s, e) for s, e in ranges], "cpu")
+            (group,) = ctx.ffn_groups[0]
+            assert (group.span is not None) == (len(ranges) == 2) and group.uniform_alpha == 1.37
+            y = x.clone()
+            with use_step_context(ctx):
+                ffn_steer_(y, 0)
+            rows = group.rows
+            expected = x.clone()
+            expected[rows] = infosteer.scale_rows(x[rows], torch.full((len(rows),), 1.37))
+            assert torch.equal(y, expected), dtype
+
+
+def test_scale_with_per_row_alphas_equals_the_reference_formula():
+    torch.manual_seed(4)
+    x = torch.randn(6, 16).to(torch.bfloat16)
+    entries = [(InfoSteerPlan(layers=(0,), mode="scale", alpha=a), i, i + 1) for i, a in enumerate([0.3, 1.7, 2.9])]
+    for shift in (0, 1):  # contiguous rows 0-2, then rows 1, 3, 5
+        ctx = build_step_context([(p, s * (1 + shift) + shift, s * (1 + shift) + shift + 1) for p, s, _ in entries],
+                                 "cpu")
+        (group,) = ctx.ffn_groups[0]
+        y = x.clone()
+        with use_step_context(ctx):
+            ffn_steer(y, 0)
+        expected = x.clone()
+        expected[group.rows] = infosteer.scale_rows(x[group.rows], group.alpha)
+        assert torch.equal(y, expected)

@@ -1,0 +1,42 @@
+"""The response echo on JSON and SSE responses (no server needed)."""
+
+import asyncio
+import json
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from steerserve.patches.plan import InfoSteerPlan, SteerPlan
+from steerserve.server.api import with_echo
+
+PLAN = SteerPlan(infosteer=InfoSteerPlan(layers=(1,), mode="scale", alpha=2.0))
+
+
+def _drain(response) -> str:
+    async def collect():
+        return "".join([c if isinstance(c, str) else c.decode() async for c in response.body_iterator])
+
+    return asyncio.run(collect())
+
+
+def test_json_echo_and_untouched_cases():
+    r = with_echo(JSONResponse({"id": "x", "choices": []}), PLAN)
+    assert json.loads(r.body)["steer"] == PLAN.echo()
+    error = JSONResponse({"error": {}}, status_code=400)
+    assert with_echo(error, PLAN) is error
+    plain = JSONResponse({"id": "y"})
+    assert with_echo(plain, None) is plain and with_echo(None, PLAN) is None
+
+
+def test_stream_echo_on_first_data_event_only():
+    async def gen():
+        yield ": keep-alive\n\n"
+        yield 'data: {"id": "a"}\n\ndata: {"id": "b"}\n\n'
+        yield 'data: {"id": "c"}\n\n'
+        yield "data: [DONE]\n\n"
+
+    text = _drain(with_echo(StreamingResponse(gen(), media_type="text/event-stream"), PLAN))
+    events = [e for e in text.split("\n\n") if e]
+    assert events[0] == ": keep-alive"
+    assert json.loads(events[1][6:]) == {"id": "a", "steer": PLAN.echo()}
+    assert json.loads(events[2][6:]) == {"id": "b"} and json.loads(events[3][6:]) == {"id": "c"}
+    assert events[4] == "data: [DONE]"

@@ -1,0 +1,22 @@
+"""`steerserve bench` runs end to end (tiny model, tiny workload) and reports every ratio."""
+
+import argparse
+
+import pytest
+
+from steerserve.clients.bench import add_bench_args, run_bench
+
+pytestmark = pytest.mark.engine
+
+
+def test_bench_runs_all_workloads(tiny_llama, tmp_path):
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    out = tmp_path / "bench.json"
+    args = p.parse_args(["--model", str(tiny_llama), "--requests", "4", "--max-tokens", "4",
+                         "--dtype", "float32", "--out", str(out)])
+    results = run_bench(args)
+    assert set(results["runs"]) == {"engine_plain", "engine_all_infosteer", "engine_half_half",
+                                    "engine_distinct_configs", "hf_shared_config", "hf_distinct_configs"}
+    assert all(r["tok_per_s"] > 0 for r in results["runs"].values())
+    assert "engine_vs_hf_distinct_configs" in results["ratios"] and out.exists()
