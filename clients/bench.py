@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=1.5, help="InfoSteer scale alpha of the shared configuration")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine (default eager)")
     p.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face reference runs")
-    p.add_argument("--repeats", type=int, default=1, help="run every engine workload this many times, keep the best")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of engine workloads (default 3); speeds are medians, engine ratios are medians "
+                        "of per-round ratios")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -74,6 +77,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 for i in range(n)]
     workloads: dict[str, list[SteerPlan | None]] = {
         "plain": [None] * n,
+        "plain_control": [None] * n,  # plain again: the noise floor of the ratios below
         "all_infosteer": [shared] * n,
         "half_half": [shared if i % 2 else None for i in range(n)],
         "distinct_configs": distinct,
@@ -102,16 +106,24 @@ def run_bench(args: argparse.Namespace) -> dict:
     engine_run([None] * n)  # warm-up
     results: dict = {"config": {"model": model_dir.name, "requests": n, "max_tokens": T, "dtype": args.dtype,
                                 "compiled": args.compile, "torch_threads": torch.get_num_threads()}, "runs": {}}
-    # interleave repeats so that drift of the machine hits every workload alike
-    best = {name: float("inf") for name in workloads}
+    # Repeats are interleaved (every workload once per round, the order rotated each round so no
+    # workload always runs first) and ratios are taken within a round, then the median over rounds:
+    # this machine's speed drifts by several % between minutes.
+    times: dict[str, list[float]] = {name: [] for name in workloads}
+    names = list(workloads)
     for r in range(args.repeats):
-        for name, plans in workloads.items():
-            dt = engine_run(plans)
-            best[name] = min(best[name], dt)
-            _log(f"engine {name} (repeat {r + 1}/{args.repeats}): {n * T / dt:.1f} tok/s")
-    for name, dt in best.items():
-        results["runs"][f"engine_{name}"] = {"seconds": dt, "tok_per_s": n * T / dt}
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(engine_run(workloads[name]))
+            _log(f"engine {name} (round {r + 1}/{args.repeats}): {n * T / times[name][-1]:.1f} tok/s")
+    for name, dts in times.items():
+        mid = statistics.median(dts)
+        results["runs"][f"engine_{name}"] = {
+            "seconds": mid, "tok_per_s": n * T / mid, "rounds_tok_per_s": [round(n * T / dt, 1) for dt in dts]}
     del llm
+
+    def paired(name: str) -> float:
+        return statistics.median(p / s for p, s in zip(times["plain"], times[name]))
+
 
     if not args.skip_hf:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
@@ -131,9 +143,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     runs = results["runs"]
     tps = {k: v["tok_per_s"] for k, v in runs.items()}
     ratios = {
-        "all_infosteer_vs_plain": tps["engine_all_infosteer"] / tps["engine_plain"],
-        "half_half_vs_plain (unsteered rows' speed)": tps["engine_half_half"] / tps["engine_plain"],
-        "distinct_configs_vs_plain": tps["engine_distinct_configs"] / tps["engine_plain"],
+        "plain_control_vs_plain (noise floor)": paired("plain_control"),
+        "all_infosteer_vs_plain": paired("all_infosteer"),
+        "half_half_vs_plain (unsteered rows' speed)": paired("half_half"),
+        "distinct_configs_vs_plain": paired("distinct_configs"),
     }
     targets = {"all_infosteer_vs_plain": 0.95, "half_half_vs_plain (unsteered rows' speed)": 0.97}
     if "hf_shared_config" in tps:
@@ -141,7 +154,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         ratios["engine_vs_hf_shared_config"] = tps["engine_all_infosteer"] / tps["hf_shared_config"]
         targets["engine_vs_hf_distinct_configs"] = 10.0
     results["ratios"] = ratios
-    print(f"\n{'run':<28}{'tok/s':>10}{'seconds':>10}")
+    print(f"\n{'run (median over rounds)':<28}{'tok/s':>10}{'seconds':>10}")
     for k, v in runs.items():
         print(f"{k:<28}{v['tok_per_s']:>10.1f}{v['seconds']:>10.2f}")
     print(f"\n{'ratio':<46}{'value':>8}  target")

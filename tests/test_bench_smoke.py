@@ -16,7 +16,7 @@ def test_bench_runs_all_workloads(tiny_llama, tmp_path):
     args = p.parse_args(["--model", str(tiny_llama), "--requests", "4", "--max-tokens", "4",
                          "--dtype", "float32", "--out", str(out)])
     results = run_bench(args)
-    assert set(results["runs"]) == {"engine_plain", "engine_all_infosteer", "engine_half_half",
+    assert set(results["runs"]) == {"engine_plain", "engine_plain_control", "engine_all_infosteer", "engine_half_half",
                                     "engine_distinct_configs", "hf_shared_config", "hf_distinct_configs"}
     assert all(r["tok_per_s"] > 0 for r in results["runs"].values())
     assert "engine_vs_hf_distinct_configs" in results["ratios"] and out.exists()
