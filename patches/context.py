@@ -45,9 +45,7 @@ class _Group:
                 x.index_copy_(0, self.rows, x.index_select(0, self.rows).mul_(factor))
             return
         sub = x.index_select(0, self.rows)
-        if self.mode == "scale":
-            new = infosteer.scale_rows(sub, self.alpha)
-        elif self.mode == "topk":
+        if self.mode == "topk":
             new = infosteer.topk_rows(sub, self.alpha, self.count, self.count_max)
         else:
             new = infosteer.lift_rows(sub, self.alpha, self.count, self.count_max)
