@@ -65,9 +65,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     from steerserve.server.schema import ModelInfo, normalise
 
     model_dir = Path(args.model) if args.model else ensure_embedded_model()
-    cfg = json.loads((model_dir / "config.json").read_text())
-    arch = cfg["architectures"][0]
-    info = ModelInfo(arch, cfg["num_hidden_layers"], cfg["intermediate_size"], True)
+    info = ModelInfo.from_checkpoint(model_dir)
+    arch = info.architecture
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = _prompts(tok, args.requests)
     n, T = args.requests, args.max_tokens

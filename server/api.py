@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from argparse import Namespace
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 
@@ -23,7 +24,8 @@ from starlette.datastructures import State
 from steerserve.patches.plan import EXTRA_ARGS_KEY, SteerPlan
 
 from . import metrics
-from .schema import ModelInfo, SteerError, normalise
+from .profiles import load_for_server
+from .schema import ModelInfo, SteerError, normalise, resolve_profile
 from steerserve.patches.vllm_adapter import http_surface, model_info_from_engine
 
 _vllm = http_surface()
@@ -56,11 +58,12 @@ def _model_info(raw_request: Request) -> ModelInfo:
     return raw_request.app.state.steerserve_model_info
 
 
-def take_plan(request, raw_request: Request) -> tuple[SteerPlan | None, JSONResponse | None]:
-    """Pop `steer` off a parsed vLLM request, validate it, and attach the plan to the request.
+def take_plan(request, raw_request: Request) -> tuple[Applied | None, JSONResponse | None]:
+    """Pop `steer` off a parsed vLLM request, resolve its profile, validate it, and attach the plan
+    to the request.
 
-    Mutates `request` (vllm_xargs, cache_salt, model_extra). Returns (plan or None when the
-    request had no `steer` field, error response or None).
+    Mutates `request` (vllm_xargs, cache_salt, model_extra). Returns (what is applied, or None when
+    the request had no `steer` field; error response or None).
     """
     extra = request.model_extra or {}
     if request.vllm_xargs and EXTRA_ARGS_KEY in request.vllm_xargs:
@@ -71,6 +74,7 @@ def take_plan(request, raw_request: Request) -> tuple[SteerPlan | None, JSONResp
         return None, None
     raw = extra.pop(STEER_FIELD)
     try:
+        raw, profile = resolve_profile(raw, raw_request.app.state.steerserve_profiles)
         plan = normalise(raw, _model_info(raw_request))
     except SteerError as err:
         metrics.REJECTED.labels(field=err.field).inc()
@@ -81,7 +85,7 @@ def take_plan(request, raw_request: Request) -> tuple[SteerPlan | None, JSONResp
         # steered request never reuses KV computed under another plan (and repeats reuse theirs).
         salt = f"steer:{plan.fingerprint()}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-    return plan, None
+    return Applied(plan, profile), None
 
 
 async def _echo_stream(chunks: AsyncIterator, echo: dict) -> AsyncIterator[str]:
@@ -99,11 +103,25 @@ async def _echo_stream(chunks: AsyncIterator, echo: dict) -> AsyncIterator[str]:
         yield chunk
 
 
-def with_echo(response: Response | None, plan: SteerPlan | None) -> Response | None:
+@dataclass(frozen=True)
+class Applied:
+    """A request's normalised plan and the profile it came from."""
+
+    plan: SteerPlan
+    profile: str | None = None
+
+    def echo(self) -> dict:
+        echo = self.plan.echo()
+        if self.profile is not None:
+            echo["profile"] = self.profile
+        return echo
+
+
+def with_echo(response: Response | None, applied: Applied | None) -> Response | None:
     """Add the `steer` echo to a successful vLLM response (JSON or SSE stream)."""
-    if plan is None or response is None or response.status_code != 200:
+    if applied is None or response is None or response.status_code != 200:
         return response
-    echo = plan.echo()
+    echo = applied.echo()
     if isinstance(response, StreamingResponse):
         response.body_iterator = _echo_stream(response.body_iterator, echo)
         return response
@@ -125,11 +143,11 @@ router = APIRouter()
     description=_STEER_DOC,
 )
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
-    plan, error = take_plan(request, raw_request)
+    applied, error = take_plan(request, raw_request)
     if error is not None:
         return error
-    metrics.count_request("chat", plan)
-    return with_echo(await _vllm.stock_chat_handler(request, raw_request), plan)
+    metrics.count_request("chat", applied.plan if applied else None)
+    return with_echo(await _vllm.stock_chat_handler(request, raw_request), applied)
 
 
 @router.post(
@@ -139,11 +157,22 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     description=_STEER_DOC,
 )
 async def create_completion(request: CompletionRequest, raw_request: Request):
-    plan, error = take_plan(request, raw_request)
+    applied, error = take_plan(request, raw_request)
     if error is not None:
         return error
-    metrics.count_request("completions", plan)
-    return with_echo(await _vllm.stock_completion_handler(request, raw_request), plan)
+    metrics.count_request("completions", applied.plan if applied else None)
+    return with_echo(await _vllm.stock_completion_handler(request, raw_request), applied)
+
+
+@router.get("/v1/steer/profiles")
+async def list_profiles(raw_request: Request):
+    """The server's steering profiles (from `steerserve serve --config`), with what each applies."""
+    info = _model_info(raw_request)
+    data = []
+    for name, steer in sorted(raw_request.app.state.steerserve_profiles.items()):
+        plan = normalise(steer, info)
+        data.append({"name": name, "steer": steer, "applied": plan.applied(), "fingerprint": plan.fingerprint()})
+    return {"object": "list", "data": data}
 
 
 class SteerEndpointPlugin:
@@ -159,4 +188,6 @@ class SteerEndpointPlugin:
         if engine_client is None:
             raise RuntimeError("steerserve needs an engine; the render-only server is not supported")
         state.steerserve_model_info = model_info_from_engine(engine_client)
-        logger.info("steerserve: serving %s", state.steerserve_model_info)
+        state.steerserve_profiles = load_for_server(state.steerserve_model_info)
+        logger.info("steerserve: serving %s with %d steering profile(s)", state.steerserve_model_info,
+                    len(state.steerserve_profiles))

@@ -42,6 +42,7 @@ class SteerSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    profile: str | None = Field(None, description="name of a server-side profile; the other fields override it")
     infosteer: InfoSteerSpec | None = None
 
 
@@ -54,6 +55,21 @@ class ModelInfo:
     ffn_width: int
     ffn_steerable: bool
     tensor_parallel_size: int = 1
+
+    @classmethod
+    def from_checkpoint(cls, model_dir, steerable: bool | None = None) -> ModelInfo:
+        """Read from a checkpoint's config.json (steerable: whether the plugin has its architecture)."""
+        import json
+        from pathlib import Path
+
+        from steerserve.patches import STEERABLE_ARCHITECTURES
+
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        arch = (cfg.get("architectures") or ["unknown"])[0]
+        text = cfg if "num_hidden_layers" in cfg else cfg.get("text_config", {})
+        if steerable is None:
+            steerable = arch in STEERABLE_ARCHITECTURES or arch in STEERABLE_ARCHITECTURES.values()
+        return cls(arch, int(text.get("num_hidden_layers", 0)), int(text.get("intermediate_size") or 0), steerable)
 
 
 class SteerError(ValueError):
@@ -161,8 +177,36 @@ def _normalise_infosteer(spec: InfoSteerSpec, info: ModelInfo) -> InfoSteerPlan 
     return InfoSteerPlan(layers=layers, mode=spec.mode, alpha=float(spec.alpha), k=k, m=m, p=p)
 
 
+def resolve_profile(raw: object, profiles: dict[str, dict]) -> tuple[object, str | None]:
+    """Expand `steer.profile`: the profile's steer object, with the request's other fields on top
+    (per steer key: fields merged, the request's winning; a steer key set to null removes the
+    profile's steer). Returns (steer object without `profile`, profile name or None)."""
+    if not isinstance(raw, dict) or "profile" not in raw:
+        return raw, None
+    name = raw["profile"]
+    if not isinstance(name, str):
+        raise SteerError("steer.profile", f"must be a string naming a profile, got {type(name).__name__}")
+    if name not in profiles:
+        known = ", ".join(sorted(profiles)) or "none (start the server with --config)"
+        raise SteerError("steer.profile", f"unknown profile {name!r}; known profiles: {known}")
+    merged = dict(profiles[name])
+    for key, value in raw.items():
+        if key == "profile":
+            continue
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged, name
+
+
 def normalise(raw: object, info: ModelInfo) -> SteerPlan:
-    """Raw `steer` JSON -> the normalised plan (only the steers that do something)."""
+    """Raw `steer` JSON (profile already resolved) -> the normalised plan (only the steers that do
+    something)."""
     spec = parse_spec(raw)
+    if spec.profile is not None:
+        raise SteerError("steer.profile", "profiles cannot name other profiles")
     infosteer = _normalise_infosteer(spec.infosteer, info) if spec.infosteer is not None else None
     return SteerPlan(infosteer=infosteer)

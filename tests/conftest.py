@@ -20,14 +20,10 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return build_tiny("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2")
 
 
-def model_info(model_dir: Path, steerable: bool = True):
+def model_info(model_dir: Path):
     from steerserve.server.schema import ModelInfo
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return ModelInfo(
-        architecture=cfg["architectures"][0], num_layers=cfg["num_hidden_layers"],
-        ffn_width=cfg["intermediate_size"], ffn_steerable=steerable,
-    )
+    return ModelInfo.from_checkpoint(model_dir)
 
 
 def make_engine(model_dir: Path, **kw):

@@ -6,9 +6,9 @@ import json
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from steerserve.patches.plan import InfoSteerPlan, SteerPlan
-from steerserve.server.api import with_echo
+from steerserve.server.api import Applied, with_echo
 
-PLAN = SteerPlan(infosteer=InfoSteerPlan(layers=(1,), mode="scale", alpha=2.0))
+PLAN = Applied(SteerPlan(infosteer=InfoSteerPlan(layers=(1,), mode="scale", alpha=2.0)), profile="p1")
 
 
 def _drain(response) -> str:
@@ -21,6 +21,8 @@ def _drain(response) -> str:
 def test_json_echo_and_untouched_cases():
     r = with_echo(JSONResponse({"id": "x", "choices": []}), PLAN)
     assert json.loads(r.body)["steer"] == PLAN.echo()
+    assert PLAN.echo()["profile"] == "p1" and PLAN.echo()["applied"][0]["alpha"] == 2.0
+    assert "profile" not in Applied(SteerPlan()).echo()
     error = JSONResponse({"error": {}}, status_code=400)
     assert with_echo(error, PLAN) is error
     plain = JSONResponse({"id": "y"})

@@ -22,6 +22,11 @@ pytestmark = pytest.mark.e2e
 API_KEY = "test-key-123"
 MODEL = "smol"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+CONFIG = """
+profiles:
+  strong: {infosteer: {alpha: 3.0}}
+  middle-lift: {infosteer: {mode: lift, alpha: 2.0, p: 0.02, layers: [10, 11, 12]}}
+"""
 
 
 def _free_port() -> int:
@@ -33,8 +38,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    folder = tmp_path_factory.mktemp("server")
+    log = folder / "server.log"
+    config = folder / "steerserve.yaml"
+    config.write_text(CONFIG)
     cmd = [sys.executable, "-m", "steerserve.clients.cli", "serve", "--port", str(port), "--api-key", API_KEY,
+           "--config", str(config),
            "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1",
            # float32: greedy answers do not move with batch composition, so the mixed-batch test can
            # compare texts exactly (and "Paris" beats a near-tie that bfloat16 flips to "L'...")
@@ -214,3 +223,20 @@ def test_chat_cli(server):
         capture_output=True, text=True, timeout=120, env=env,
     )
     assert bad.returncode == 1 and "steer.infosteer.layers[0]" in bad.stderr
+
+
+def test_profiles_listed_used_and_overridden(server, client):
+    listed = httpx.get(f"{server}/v1/steer/profiles", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert [p["name"] for p in listed["data"]] == ["middle-lift", "strong"]
+    assert listed["data"][0]["applied"][0]["lifted_per_token"] == 30
+    by_profile = chat(client, {"profile": "strong"}, logprobs=True)
+    direct = chat(client, {"infosteer": {"alpha": 3.0}}, logprobs=True)
+    assert by_profile.model_extra["steer"]["profile"] == "strong"
+    assert by_profile.model_extra["steer"]["fingerprint"] == direct.model_extra["steer"]["fingerprint"]
+    assert by_profile.choices[0].message.content == direct.choices[0].message.content
+    overridden = chat(client, {"profile": "middle-lift", "infosteer": {"layers": [0]}})
+    assert overridden.model_extra["steer"]["applied"][0]["layers"] == [0]
+    assert overridden.model_extra["steer"]["applied"][0]["mode"] == "lift"
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, {"profile": "missing"})
+    assert info.value.body["param"] == "steer.profile" and "middle-lift, strong" in info.value.message
