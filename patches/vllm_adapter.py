@@ -161,6 +161,11 @@ def http_surface():
         # the stock route functions (with vLLM's cancellation and load tracking), called as-is
         stock_chat_handler=chat_router.create_chat_completion,
         stock_completion_handler=completion_router.create_completion,
+        # the chat serving object behind the route (app.state.openai_serving_chat), for callers that
+        # run several completions for one HTTP request (the route's disconnect listener reads the
+        # request's receive channel, which only one caller may do)
+        serving_chat=chat_router.chat,
+        ChatCompletionResponse=chat_router.ChatCompletionResponse,
     )
 
 

@@ -25,7 +25,7 @@ from steerserve.patches.plan import EXTRA_ARGS_KEY, SteerPlan
 
 from . import metrics
 from .profiles import load_for_server
-from .schema import ModelInfo, SteerError, normalise, resolve_profile
+from .schema import SteerError, normalise, resolve_profile
 from steerserve.patches.vllm_adapter import http_surface, model_info_from_engine
 
 _vllm = http_surface()
@@ -54,38 +54,53 @@ def bad_request(field: str | None, message: str) -> JSONResponse:
     return JSONResponse(content=body.model_dump(), status_code=400)
 
 
-def _model_info(raw_request: Request) -> ModelInfo:
-    return raw_request.app.state.steerserve_model_info
+@dataclass(frozen=True)
+class Applied:
+    """A request's normalised plan and the profile it came from."""
+
+    plan: SteerPlan
+    profile: str | None = None
+
+    def echo(self) -> dict:
+        echo = self.plan.echo()
+        if self.profile is not None:
+            echo["profile"] = self.profile
+        return echo
 
 
-def take_plan(request, raw_request: Request) -> tuple[Applied | None, JSONResponse | None]:
-    """Pop `steer` off a parsed vLLM request, resolve its profile, validate it, and attach the plan
-    to the request.
-
-    Mutates `request` (vllm_xargs, cache_salt, model_extra). Returns (what is applied, or None when
-    the request had no `steer` field; error response or None).
-    """
-    extra = request.model_extra or {}
-    if request.vllm_xargs and EXTRA_ARGS_KEY in request.vllm_xargs:
-        return None, bad_request(
-            "vllm_xargs.steer", "vllm_xargs.steer is reserved for steerserve; pass steering as the `steer` field"
-        )
-    if STEER_FIELD not in extra:
-        return None, None
-    raw = extra.pop(STEER_FIELD)
-    try:
-        raw, profile = resolve_profile(raw, raw_request.app.state.steerserve_profiles)
-        plan = normalise(raw, _model_info(raw_request))
-    except SteerError as err:
-        metrics.REJECTED.labels(field=err.field).inc()
-        return None, bad_request(err.field, f"invalid steering: {err.field}: {err.message}")
+def apply_steer(request, raw: object, state: State) -> Applied:
+    """Resolve the profile of a raw `steer` value, validate it against the served model, and put
+    the plan on a parsed vLLM request (mutates `request.vllm_xargs` and `request.cache_salt`).
+    Raises SteerError naming the field."""
+    raw, profile = resolve_profile(raw, state.steerserve_profiles)
+    plan = normalise(raw, state.steerserve_model_info)
     if not plan.is_empty:
         request.vllm_xargs = {**(request.vllm_xargs or {}), EXTRA_ARGS_KEY: plan.to_json()}
         # Steering changes the KV a prompt produces: salt the prefix cache with the plan, so a
         # steered request never reuses KV computed under another plan (and repeats reuse theirs).
         salt = f"steer:{plan.fingerprint()}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-    return Applied(plan, profile), None
+    return Applied(plan, profile)
+
+
+def take_plan(request, raw_request: Request, field_prefix: str = "") -> tuple[Applied | None, JSONResponse | None]:
+    """Pop `steer` off a parsed vLLM request and apply it (`apply_steer`).
+
+    Mutates `request` (vllm_xargs, cache_salt, model_extra). Returns (what is applied, or None when
+    the request had no `steer` field; a 400 response naming `field_prefix` + the field, or None).
+    """
+    extra = request.model_extra or {}
+    if request.vllm_xargs and EXTRA_ARGS_KEY in request.vllm_xargs:
+        field = f"{field_prefix}vllm_xargs.steer"
+        return None, bad_request(field, f"{field} is reserved for steerserve; pass steering as the `steer` field")
+    if STEER_FIELD not in extra:
+        return None, None
+    try:
+        return apply_steer(request, extra.pop(STEER_FIELD), raw_request.app.state), None
+    except SteerError as err:
+        field = f"{field_prefix}{err.field}"
+        metrics.REJECTED.labels(field=err.field).inc()
+        return None, bad_request(field, f"invalid steering: {field}: {err.message}")
 
 
 async def _echo_stream(chunks: AsyncIterator, echo: dict) -> AsyncIterator[str]:
@@ -101,20 +116,6 @@ async def _echo_stream(chunks: AsyncIterator, echo: dict) -> AsyncIterator[str]:
                 chunk = f"data: {json.dumps(payload)}\n\n{rest}"
                 pending = False
         yield chunk
-
-
-@dataclass(frozen=True)
-class Applied:
-    """A request's normalised plan and the profile it came from."""
-
-    plan: SteerPlan
-    profile: str | None = None
-
-    def echo(self) -> dict:
-        echo = self.plan.echo()
-        if self.profile is not None:
-            echo["profile"] = self.profile
-        return echo
 
 
 def with_echo(response: Response | None, applied: Applied | None) -> Response | None:
@@ -167,7 +168,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
 @router.get("/v1/steer/profiles")
 async def list_profiles(raw_request: Request):
     """The server's steering profiles (from `steerserve serve --config`), with what each applies."""
-    info = _model_info(raw_request)
+    info = raw_request.app.state.steerserve_model_info
     data = []
     for name, steer in sorted(raw_request.app.state.steerserve_profiles.items()):
         plan = normalise(steer, info)
@@ -182,7 +183,10 @@ class SteerEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from .compare import router as compare_router
+
         app.include_router(router)
+        app.include_router(compare_router)
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         if engine_client is None:

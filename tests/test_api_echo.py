@@ -42,3 +42,12 @@ def test_stream_echo_on_first_data_event_only():
     assert json.loads(events[1][6:]) == {"id": "a", "steer": PLAN.echo()}
     assert json.loads(events[2][6:]) == {"id": "b"} and json.loads(events[3][6:]) == {"id": "c"}
     assert events[4] == "data: [DONE]"
+
+
+def test_diverges_at():
+    from steerserve.server.compare import diverges_at
+
+    assert diverges_at([1, 2, 3], [1, 2, 3]) is None
+    assert diverges_at([1, 2, 3], [1, 5, 3]) == 1
+    assert diverges_at([1, 2, 3], [1, 2]) == 2 and diverges_at([1], [1, 2]) == 1
+    assert diverges_at([], [4]) == 0

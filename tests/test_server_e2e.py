@@ -240,3 +240,30 @@ def test_profiles_listed_used_and_overridden(server, client):
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, {"profile": "missing"})
     assert info.value.body["param"] == "steer.profile" and "middle-lift, strong" in info.value.message
+
+
+def test_ab_compare_side_by_side(server, client):
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0,
+            "arms": [{"name": "plain", "steer": {}}, {"name": "same", "steer": {"infosteer": {"alpha": 1.0}}},
+                     {"name": "strong", "steer": {"profile": "strong"}}]}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{server}/v1/ab/compare", json=body, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    arms = {a["name"]: a for a in r.json()["arms"]}
+    assert list(arms) == ["plain", "same", "strong"]
+    assert arms["plain"]["diverges_at"] is None and arms["same"]["diverges_at"] is None
+    assert arms["strong"]["diverges_at"] is not None and arms["strong"]["diverges_at"] >= 0
+    assert arms["strong"]["steer"]["profile"] == "strong"
+    assert arms["plain"]["choices"][0]["message"]["content"] == arms["same"]["choices"][0]["message"]["content"]
+    assert all(a["latency_ms"] > 0 and a["usage"]["completion_tokens"] > 0 for a in arms.values())
+    solo = chat(client, {"profile": "strong"}, max_tokens=16)
+    assert arms["strong"]["choices"][0]["message"]["content"] == solo.choices[0].message.content
+    bad = dict(body, arms=[{"name": "a", "steer": {}}, {"name": "b", "steer": {"infosteer": {"alpha": 50}}}])
+    r = httpx.post(f"{server}/v1/ab/compare", json=bad, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "arms[1].steer.infosteer.alpha"
+    for broken, param in [(dict(body, arms=[]), "arms"), (dict(body, arms=[{"name": "a"}, {"name": "a"}]), "arms"),
+                          (dict(body, stream=True), "stream"), (dict(body, steer={}), "steer")]:
+        r = httpx.post(f"{server}/v1/ab/compare", json=broken, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert httpx.post(f"{server}/v1/ab/compare", json=body).status_code == 401
+

@@ -84,6 +84,16 @@ def test_http_surface():
         assert {"vllm_xargs", "cache_salt"} <= set(model.model_fields)
         assert model.model_config.get("extra") == "allow"  # `steer` arrives in model_extra
     assert set(s.ErrorResponse.model_fields) == {"error"}
+    assert "return_token_ids" in s.ChatCompletionRequest.model_fields
+    assert "token_ids" in s.ChatCompletionResponse.model_fields["choices"].annotation.__args__[0].model_fields
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(openai_serving_chat="handler")))
+    assert s.serving_chat(fake) == "handler"
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+
+    assert list(inspect.signature(OpenAIServingChat.create_chat_completion).parameters)[:3] == [
+        "self", "request", "raw_request"]
 
 
 def test_endpoint_plugin_and_launcher_surface():
