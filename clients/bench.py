@@ -61,6 +61,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     from steerserve.patches import STEERABLE_ARCHITECTURES
     from steerserve.patches.plan import SteerPlan
     from steerserve.patches.reference import greedy_generate
+    from steerserve.patches.vllm_adapter import shutdown_engine
     from steerserve.server.model_store import ensure_embedded_model
     from steerserve.server.schema import ModelInfo, normalise
 
@@ -118,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         mid = statistics.median(dts)
         results["runs"][f"engine_{name}"] = {
             "seconds": mid, "tok_per_s": n * T / mid, "rounds_tok_per_s": [round(n * T / dt, 1) for dt in dts]}
-    del llm
+    shutdown_engine(llm)  # its engine core would keep a core busy during the Hugging Face runs
 
     def paired(name: str) -> float:
         return statistics.median(p / s for p, s in zip(times["plain"], times[name]))

@@ -79,6 +79,11 @@ def install_runner_hook() -> None:
     GPUModelRunner._model_forward = _model_forward
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Stop an offline `vllm.LLM`'s engine-core process now (it busy-polls a CPU core while alive)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def mlp_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, MLP module) for every vLLM gated MLP in `model`."""
     from vllm.model_executor.models.utils import extract_layer_index

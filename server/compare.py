@@ -41,6 +41,12 @@ def diverges_at(reference: list[int], other: list[int]) -> int | None:
     return None if len(reference) == len(other) else min(len(reference), len(other))
 
 
+def _validation_400(err: ValidationError, prefix: str = "") -> JSONResponse:
+    first = err.errors()[0]
+    field = ".".join([*([prefix] if prefix else []), *(str(p) for p in first["loc"])])
+    return bad_request(field, f"{field}: {first['msg']}")
+
+
 def _parse_arms(raw: object) -> list[Arm] | JSONResponse:
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_ARMS:
         return bad_request("arms", f"must be a list of 1..{MAX_ARMS} objects {{name, steer}}")
@@ -49,9 +55,7 @@ def _parse_arms(raw: object) -> list[Arm] | JSONResponse:
         try:
             arms.append(Arm.model_validate(item))
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join([f"arms[{i}]", *(str(p) for p in first["loc"])])
-            return bad_request(field, f"{field}: {first['msg']}")
+            return _validation_400(err, f"arms[{i}]")
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         return bad_request("arms", "arm names must be unique")
@@ -79,9 +83,7 @@ async def compare(raw_request: Request):
             request = _vllm.ChatCompletionRequest.model_validate(
                 {**body, STEER_FIELD: arm.steer, "return_token_ids": True})
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            return bad_request(field, f"{field}: {first['msg']}")
+            return _validation_400(err)
         arm_applied, error = take_plan(request, raw_request, field_prefix=f"arms[{i}].")
         if error is not None:
             return error

@@ -43,9 +43,8 @@ def make_engine(model_dir: Path, **kw):
 
 
 def close_engine(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
+    from steerserve.patches.vllm_adapter import shutdown_engine
+
+    shutdown_engine(llm)
     del llm
     gc.collect()

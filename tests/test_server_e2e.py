@@ -262,7 +262,8 @@ def test_ab_compare_side_by_side(server, client):
     r = httpx.post(f"{server}/v1/ab/compare", json=bad, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "arms[1].steer.infosteer.alpha"
     for broken, param in [(dict(body, arms=[]), "arms"), (dict(body, arms=[{"name": "a"}, {"name": "a"}]), "arms"),
-                          (dict(body, stream=True), "stream"), (dict(body, steer={}), "steer")]:
+                          (dict(body, stream=True), "stream"), (dict(body, steer={}), "steer"),
+                          ({k: v for k, v in body.items() if k != "messages"}, "messages")]:
         r = httpx.post(f"{server}/v1/ab/compare", json=broken, headers=headers)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert httpx.post(f"{server}/v1/ab/compare", json=body).status_code == 401

@@ -113,6 +113,14 @@ def test_endpoint_plugin_and_launcher_surface():
     assert args.kv_cache_memory_bytes == 1024 and args.api_key == ["k"]
 
 
+def test_offline_engine_shutdown_surface():
+    from vllm.v1.engine.core_client import EngineCoreClient
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    assert callable(EngineCoreClient.shutdown)
+    assert "self.engine_core = EngineCoreClient.make_client(" in inspect.getsource(LLMEngine.__init__)
+
+
 def test_engine_client_config_fields():
     from vllm.engine.protocol import EngineClient
 
