@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from argparse import Namespace
 from dataclasses import dataclass
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from starlette.datastructures import State
 from steerserve.patches.plan import EXTRA_ARGS_KEY, SteerPlan
 
 from . import metrics
+from .experiments import UNIT_HEADER, resolve_experiment
 from .profiles import load_for_server
 from .schema import SteerError, normalise, resolve_profile
 from steerserve.patches.vllm_adapter import http_surface, model_info_from_engine
@@ -60,19 +62,24 @@ class Applied:
 
     plan: SteerPlan
     profile: str | None = None
+    experiment: tuple[str, str] | None = None  # (experiment, arm)
 
     def echo(self) -> dict:
         echo = self.plan.echo()
         if self.profile is not None:
             echo["profile"] = self.profile
+        if self.experiment is not None:
+            echo["experiment"], echo["arm"] = self.experiment
         return echo
 
 
-def apply_steer(request, raw: object, state: State) -> Applied:
-    """Resolve the profile of a raw `steer` value, validate it against the served model, and put
-    the plan on a parsed vLLM request (mutates `request.vllm_xargs` and `request.cache_salt`).
-    Raises SteerError naming the field."""
-    raw, profile = resolve_profile(raw, state.steerserve_profiles)
+def apply_steer(request, raw: object, state: State, unit: str | None = None) -> Applied:
+    """Resolve the experiment arm (by `unit`) and profile of a raw `steer` value, validate it
+    against the served model, and put the plan on a parsed vLLM request (mutates
+    `request.vllm_xargs` and `request.cache_salt`). Raises SteerError naming the field."""
+    config = state.steerserve_config
+    raw, experiment = resolve_experiment(raw, config.experiments, unit)
+    raw, profile = resolve_profile(raw, config.profiles)
     plan = normalise(raw, state.steerserve_model_info)
     if not plan.is_empty:
         request.vllm_xargs = {**(request.vllm_xargs or {}), EXTRA_ARGS_KEY: plan.to_json()}
@@ -80,7 +87,7 @@ def apply_steer(request, raw: object, state: State) -> Applied:
         # steered request never reuses KV computed under another plan (and repeats reuse theirs).
         salt = f"steer:{plan.fingerprint()}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-    return Applied(plan, profile)
+    return Applied(plan, profile, experiment)
 
 
 def take_plan(request, raw_request: Request, field_prefix: str = "") -> tuple[Applied | None, JSONResponse | None]:
@@ -95,8 +102,9 @@ def take_plan(request, raw_request: Request, field_prefix: str = "") -> tuple[Ap
         return None, bad_request(field, f"{field} is reserved for steerserve; pass steering as the `steer` field")
     if STEER_FIELD not in extra:
         return None, None
+    unit = getattr(request, "user", None) or raw_request.headers.get(UNIT_HEADER)
     try:
-        return apply_steer(request, extra.pop(STEER_FIELD), raw_request.app.state), None
+        return apply_steer(request, extra.pop(STEER_FIELD), raw_request.app.state, unit), None
     except SteerError as err:
         field = f"{field_prefix}{err.field}"
         metrics.REJECTED.labels(field=err.field).inc()
@@ -148,7 +156,9 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     if error is not None:
         return error
     metrics.count_request("chat", applied.plan if applied else None)
-    return with_echo(await _vllm.stock_chat_handler(request, raw_request), applied)
+    started = time.perf_counter()
+    response = with_echo(await _vllm.stock_chat_handler(request, raw_request), applied)
+    return metrics.track_experiment(response, applied.experiment if applied else None, started)
 
 
 @router.post(
@@ -162,7 +172,9 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
     if error is not None:
         return error
     metrics.count_request("completions", applied.plan if applied else None)
-    return with_echo(await _vllm.stock_completion_handler(request, raw_request), applied)
+    started = time.perf_counter()
+    response = with_echo(await _vllm.stock_completion_handler(request, raw_request), applied)
+    return metrics.track_experiment(response, applied.experiment if applied else None, started)
 
 
 @router.get("/v1/steer/profiles")
@@ -170,7 +182,7 @@ async def list_profiles(raw_request: Request):
     """The server's steering profiles (from `steerserve serve --config`), with what each applies."""
     info = raw_request.app.state.steerserve_model_info
     data = []
-    for name, steer in sorted(raw_request.app.state.steerserve_profiles.items()):
+    for name, steer in sorted(raw_request.app.state.steerserve_config.profiles.items()):
         plan = normalise(steer, info)
         data.append({"name": name, "steer": steer, "applied": plan.applied(), "fingerprint": plan.fingerprint()})
     return {"object": "list", "data": data}
@@ -192,6 +204,7 @@ class SteerEndpointPlugin:
         if engine_client is None:
             raise RuntimeError("steerserve needs an engine; the render-only server is not supported")
         state.steerserve_model_info = model_info_from_engine(engine_client)
-        state.steerserve_profiles = load_for_server(state.steerserve_model_info)
-        logger.info("steerserve: serving %s with %d steering profile(s)", state.steerserve_model_info,
-                    len(state.steerserve_profiles))
+        state.steerserve_config = load_for_server(state.steerserve_model_info)
+        logger.info("steerserve: serving %s with %d steering profile(s), %d experiment(s)",
+                    state.steerserve_model_info, len(state.steerserve_config.profiles),
+                    len(state.steerserve_config.experiments))

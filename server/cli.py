@@ -48,8 +48,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="disable prefix caching (on by default; steering salts the cache key)")
     p.add_argument("--config", default=None, metavar="FILE",
-                   help="server config file (YAML or JSON) with named steering `profiles`; validated against "
-                        "the model before start-up (see README, Profiles)")
+                   help="server config file (YAML or JSON) with steering `profiles` and A/B `experiments`; "
+                        "validated against the model before start-up (see README, Profiles)")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="pass one more argument to vLLM's server verbatim (repeatable), "
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
@@ -123,16 +123,16 @@ def serve(args: argparse.Namespace) -> None:
         print(f"[steerserve] WARNING: serving on {args.host} without --api-key: anyone who can reach it "
               "can use it", file=sys.stderr)
     if args.config:
-        from steerserve.server.profiles import CONFIG_ENV, ConfigError, load_profiles
+        from steerserve.server.profiles import CONFIG_ENV, ConfigError, load_config
         from steerserve.server.schema import ModelInfo
 
         try:
-            profiles = load_profiles(args.config, ModelInfo.from_checkpoint(model))
+            config = load_config(args.config, ModelInfo.from_checkpoint(model))
         except ConfigError as err:
             raise SystemExit(f"steerserve serve: --config: {err}") from None
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
-        print(f"[steerserve] {len(profiles)} steering profile(s) from {args.config}: {', '.join(profiles)}",
-              file=sys.stderr)
+        print(f"[steerserve] from {args.config}: profiles {', '.join(config.profiles) or '-'}; "
+              f"experiments {', '.join(config.experiments) or '-'}", file=sys.stderr)
     enable_plugins()
     argv = vllm_argv(args, model)
     print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",

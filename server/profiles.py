@@ -1,25 +1,35 @@
-"""The server config file: named steering profiles (A/B experiments will join them here).
+"""The server config file: named steering profiles and A/B experiments over them.
 
     # steerserve.yaml (or .json)
     profiles:
       gentle: {infosteer: {alpha: 1.2, layers: [10, 11, 12, 13]}}
       lift:   {infosteer: {mode: lift, alpha: 2.0, p: 0.02}}
+    experiments:
+      tone: {arms: [{name: control}, {name: gentle, profile: gentle, weight: 3}]}
 
 Loaded and validated against the served model before vLLM starts (`steerserve serve --config`),
 and again by the API process (`load_for_server`), so a bad file refuses to start with a message
-naming the file, the profile and the field.
+naming the file, the profile (or experiment) and the field.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .experiments import Experiment, parse_experiments
 from .schema import ModelInfo, SteerError, normalise, parse_spec
 
 CONFIG_ENV = "STEERSERVE_CONFIG"
-TOP_LEVEL_KEYS = ("profiles",)
+TOP_LEVEL_KEYS = ("profiles", "experiments")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    profiles: dict[str, dict] = field(default_factory=dict)
+    experiments: dict[str, Experiment] = field(default_factory=dict)
 
 
 class ConfigError(ValueError):
@@ -46,14 +56,14 @@ def _read(path: Path) -> dict:
     return data
 
 
-def load_profiles(path: str | Path, info: ModelInfo | None) -> dict[str, dict]:
-    """Read the config file and validate every profile (against `info` when given)."""
+def load_config(path: str | Path, info: ModelInfo | None) -> ServerConfig:
+    """Read the config file and validate every profile (against `info` when given) and experiment."""
     path = Path(path)
     data = _read(path)
     unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_LEVEL_KEYS)}")
-    profiles = data.get("profiles") or {}
+    profiles = data.get("profiles") or {}  # experiments are checked against these below
     if not isinstance(profiles, dict):
         raise ConfigError(f"{path}: `profiles` must be a mapping of name -> steer object")
     for name, steer in profiles.items():
@@ -68,10 +78,14 @@ def load_profiles(path: str | Path, info: ModelInfo | None) -> dict[str, dict]:
                 normalise(steer, info)
         except SteerError as err:
             raise ConfigError(f"{path}: profile {name!r}: {err.field}: {err.message}") from None
-    return profiles
+    try:
+        experiments = parse_experiments(data.get("experiments"), profiles, str(path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return ServerConfig(profiles, experiments)
 
 
-def load_for_server(info: ModelInfo) -> dict[str, dict]:
-    """The profiles of the file named by $STEERSERVE_CONFIG (set by `steerserve serve --config`)."""
+def load_for_server(info: ModelInfo) -> ServerConfig:
+    """The config named by $STEERSERVE_CONFIG (set by `steerserve serve --config`), or an empty one."""
     path = os.environ.get(CONFIG_ENV)
-    return load_profiles(path, info) if path else {}
+    return load_config(path, info) if path else ServerConfig()

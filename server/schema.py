@@ -43,6 +43,7 @@ class SteerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     profile: str | None = Field(None, description="name of a server-side profile; the other fields override it")
+    experiment: str | None = Field(None, description="name of a server-side A/B experiment (alone)")
     infosteer: InfoSteerSpec | None = None
 
 
@@ -208,5 +209,7 @@ def normalise(raw: object, info: ModelInfo) -> SteerPlan:
     spec = parse_spec(raw)
     if spec.profile is not None:
         raise SteerError("steer.profile", "profiles cannot name other profiles")
+    if spec.experiment is not None:
+        raise SteerError("steer.experiment", "profiles cannot name experiments")
     infosteer = _normalise_infosteer(spec.infosteer, info) if spec.infosteer is not None else None
     return SteerPlan(infosteer=infosteer)

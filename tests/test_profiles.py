@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from steerserve.server.profiles import ConfigError, load_profiles
+from steerserve.server.profiles import ConfigError, load_config
 from steerserve.server.schema import ModelInfo, SteerError, normalise, resolve_profile
 
 INFO = ModelInfo("SteerableLlamaForCausalLM", num_layers=30, ffn_width=1536, ffn_steerable=True)
@@ -44,10 +44,10 @@ def test_config_file_yaml_and_json(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("profiles:\n  gentle: {infosteer: {alpha: 1.2, layers: [10, 11]}}\n"
                  "  lift:\n    infosteer: {mode: lift, alpha: 2.0, p: 0.02}\n")
-    assert load_profiles(y, INFO) == PROFILES
+    assert load_config(y, INFO).profiles == PROFILES
     j = tmp_path / "c.json"
     j.write_text(json.dumps({"profiles": PROFILES}))
-    assert load_profiles(j, INFO) == PROFILES
+    assert load_config(j, INFO).profiles == PROFILES
 
 
 @pytest.mark.parametrize("text,words", [
@@ -56,13 +56,17 @@ def test_config_file_yaml_and_json(tmp_path):
     ("profiles:\n  loop: {profile: far}\n", "profile 'loop': steer.profile"),
     ("profiles: [1, 2]\n", "`profiles` must be a mapping"),
     ("experimentz: {}\n", "unknown top-level key(s) experimentz"),
+    ("experiments:\n  e: {arms: [{name: a, profile: nope}]}\n", "experiment 'e': arms[0].profile: unknown profile"),
+    ("experiments:\n  e: {arms: [{name: a, weight: 0}]}\n", "experiment 'e': arms[0].weight"),
+    ("experiments:\n  e: {arms: [{name: a}, {name: a}]}\n", "experiment 'e': arm names must be unique"),
+    ("experiments:\n  e: {arms: []}\n", "experiment 'e': arms: must be a list"),
     ("profiles: {a: [\n", "cannot parse"),
 ])
 def test_bad_config_names_file_profile_and_field(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as err:
-        load_profiles(path, INFO)
+        load_config(path, INFO)
     assert str(path) in str(err.value) and words in str(err.value)
 
 

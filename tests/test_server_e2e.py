@@ -26,6 +26,11 @@ CONFIG = """
 profiles:
   strong: {infosteer: {alpha: 3.0}}
   middle-lift: {infosteer: {mode: lift, alpha: 2.0, p: 0.02, layers: [10, 11, 12]}}
+experiments:
+  tone:
+    arms:
+      - {name: control}
+      - {name: strong, profile: strong, weight: 1}
 """
 
 
@@ -268,3 +273,31 @@ def test_ab_compare_side_by_side(server, client):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert httpx.post(f"{server}/v1/ab/compare", json=body).status_code == 401
 
+
+
+def test_experiment_assignment_echo_and_metrics(server, client):
+    from steerserve.server.experiments import Experiment, ExperimentArm
+
+    local = Experiment("tone", (ExperimentArm("control", None, 1.0), ExperimentArm("strong", "strong", 1.0)))
+    seen = {}
+    for unit in ["alice", "bob", "carol", "dave", "erin", "frank"]:
+        r = chat(client, {"experiment": "tone"}, user=unit, max_tokens=8)
+        echo = r.model_extra["steer"]
+        assert echo["experiment"] == "tone" and echo["arm"] == local.assign(unit).name
+        assert (echo["applied"] == []) == (echo["arm"] == "control")
+        again = chat(client, {"experiment": "tone"}, user=unit, max_tokens=8)
+        assert again.model_extra["steer"]["arm"] == echo["arm"]  # sticky
+        seen[echo["arm"]] = seen.get(echo["arm"], 0) + 2
+    stream = chat(client, {"experiment": "tone"}, stream=True, max_tokens=8, stream_options={"include_usage": True},
+                  extra_headers={"X-Steerserve-Unit": "zoe"})
+    chunks = list(stream)
+    assert chunks[0].model_extra["steer"]["arm"] == local.assign("zoe").name
+    seen[local.assign("zoe").name] = seen.get(local.assign("zoe").name, 0) + 1
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, {"experiment": "tone"})
+    assert info.value.body["param"] == "user"
+    text = httpx.get(f"{server}/metrics").text
+    for arm, count in seen.items():
+        assert f'steerserve_ab_requests_total{{arm="{arm}",experiment="tone"}} {float(count)}' in text
+        assert f'steerserve_ab_request_latency_seconds_count{{arm="{arm}",experiment="tone"}} {float(count)}' in text
+        assert f'steerserve_ab_generation_tokens_total{{arm="{arm}",experiment="tone"}}' in text
