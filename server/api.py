@@ -142,6 +142,17 @@ def with_echo(response: Response | None, applied: Applied | None) -> Response | 
     return response
 
 
+async def _steered(endpoint: str, stock_handler, request, raw_request: Request):
+    """Take the request's plan, run vLLM's own route handler, echo and count what was applied."""
+    applied, error = take_plan(request, raw_request)
+    if error is not None:
+        return error
+    metrics.count_request(endpoint, applied.plan if applied else None)
+    started = time.perf_counter()
+    response = with_echo(await stock_handler(request, raw_request), applied)
+    return metrics.track_experiment(response, applied.experiment if applied else None, started)
+
+
 router = APIRouter()
 
 
@@ -152,13 +163,7 @@ router = APIRouter()
     description=_STEER_DOC,
 )
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
-    applied, error = take_plan(request, raw_request)
-    if error is not None:
-        return error
-    metrics.count_request("chat", applied.plan if applied else None)
-    started = time.perf_counter()
-    response = with_echo(await _vllm.stock_chat_handler(request, raw_request), applied)
-    return metrics.track_experiment(response, applied.experiment if applied else None, started)
+    return await _steered("chat", _vllm.stock_chat_handler, request, raw_request)
 
 
 @router.post(
@@ -168,13 +173,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     description=_STEER_DOC,
 )
 async def create_completion(request: CompletionRequest, raw_request: Request):
-    applied, error = take_plan(request, raw_request)
-    if error is not None:
-        return error
-    metrics.count_request("completions", applied.plan if applied else None)
-    started = time.perf_counter()
-    response = with_echo(await _vllm.stock_completion_handler(request, raw_request), applied)
-    return metrics.track_experiment(response, applied.experiment if applied else None, started)
+    return await _steered("completions", _vllm.stock_completion_handler, request, raw_request)
 
 
 @router.get("/v1/steer/profiles")

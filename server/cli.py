@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from steerserve.patches import STEERABLE_ARCHITECTURES
+from steerserve.server.schema import ModelInfo
 
 PLUGIN_NAMES = ("steerserve", "steerserve_api")
 
@@ -55,14 +56,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
 
 
-def _architecture(model_dir: Path) -> str | None:
-    cfg = model_dir / "config.json"
-    if not cfg.exists():
-        return None
-    archs = json.loads(cfg.read_text()).get("architectures") or []
-    return archs[0] if archs else None
-
-
 def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
     """The vLLM server argument list for steerserve's flags."""
     argv = [
@@ -74,7 +67,7 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
         "--dtype", args.dtype,
         "--kv-cache-memory-bytes", str(int(args.kv_cache_gb * (1 << 30))),
     ]
-    arch = _architecture(model)
+    arch = ModelInfo.from_checkpoint(model).architecture
     if arch in STEERABLE_ARCHITECTURES:
         argv += ["--hf-overrides", json.dumps({"architectures": [STEERABLE_ARCHITECTURES[arch]]})]
     else:
@@ -116,15 +109,14 @@ def serve(args: argparse.Namespace) -> None:
     from steerserve.server.model_store import ensure_embedded_model
 
     model = Path(args.model).expanduser().resolve() if args.model else ensure_embedded_model()
-    if not model.exists():
-        raise SystemExit(f"--model: {model} does not exist (a local checkpoint folder is required; "
-                         "nothing is downloaded)")
+    if not (model / "config.json").exists():
+        raise SystemExit(f"--model: {model} is not a checkpoint folder with a config.json (a local "
+                         "Hugging Face-layout folder is required; nothing is downloaded)")
     if not args.api_key and not _is_loopback(args.host):
         print(f"[steerserve] WARNING: serving on {args.host} without --api-key: anyone who can reach it "
               "can use it", file=sys.stderr)
     if args.config:
         from steerserve.server.profiles import CONFIG_ENV, ConfigError, load_config
-        from steerserve.server.schema import ModelInfo
 
         try:
             config = load_config(args.config, ModelInfo.from_checkpoint(model))
