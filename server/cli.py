@@ -32,13 +32,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer <key>` on /v1 routes (default: $STEERSERVE_API_KEY; "
                         "off when unset)")
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
-                   help="KV cache size in GiB (default 2); on GPUs omit with --gpu-memory-utilization via "
-                        "--vllm-arg instead")
+                   help="KV cache size in GiB (default 2); 0 leaves it to vLLM's memory fraction, e.g. on a GPU "
+                        "--kv-cache-gb 0 --vllm-arg=--gpu-memory-utilization=0.9")
     p.add_argument("--max-model-len", type=int, default=4096, help="context length cap (default 4096)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="max concurrent sequences per step (vLLM default)")
     p.add_argument("--dtype", default="auto",
                    help="weights/activations dtype: auto (the checkpoint's: bfloat16 for the embedded model), "
-                        "bfloat16, float16, float32 (about 3x slower on CPU, but batch-invariant enough for "
+                        "bfloat16, float16, float32 (about 2.3x slower on CPU, but batch-invariant enough for "
                         "exact comparisons over HTTP)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--eager", dest="compile", action="store_false",
@@ -65,8 +65,9 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
         "--port", str(args.port),
         "--max-model-len", str(args.max_model_len),
         "--dtype", args.dtype,
-        "--kv-cache-memory-bytes", str(int(args.kv_cache_gb * (1 << 30))),
     ]
+    if args.kv_cache_gb > 0:  # 0: leave the KV size to vLLM's --gpu-memory-utilization fraction
+        argv += ["--kv-cache-memory-bytes", str(int(args.kv_cache_gb * (1 << 30)))]
     arch = ModelInfo.from_checkpoint(model).architecture
     if arch in STEERABLE_ARCHITECTURES:
         argv += ["--hf-overrides", json.dumps({"architectures": [STEERABLE_ARCHITECTURES[arch]]})]

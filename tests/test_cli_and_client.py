@@ -42,6 +42,11 @@ def test_flags_map_to_vllm(tmp_path):
     assert argv[-1] == "--max-num-batched-tokens=512"
 
 
+def test_kv_cache_zero_leaves_it_to_vllm(tmp_path):
+    argv = cli.vllm_argv(_args("--kv-cache-gb", "0"), _model(tmp_path, "LlamaForCausalLM"))
+    assert "--kv-cache-memory-bytes" not in argv
+
+
 def test_unsupported_architecture_served_plain(tmp_path):
     assert "--hf-overrides" not in cli.vllm_argv(_args(), _model(tmp_path, "GPT2LMHeadModel"))
 
