@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import infosteer
-from .plan import InfoSteerPlan
+from .context_attention import AttentionWork
+from .plan import ContextAttentionPlan, InfoSteerPlan
 
 
 @dataclass
@@ -54,10 +55,12 @@ class _Group:
 
 @dataclass
 class StepContext:
-    """What to steer in one forward step; `ffn_groups[layer]` lists the InfoSteer groups of a layer."""
+    """What to steer in one forward step: `ffn_groups[layer]` lists the InfoSteer groups of a layer;
+    `attention` holds the context-attention-steered requests (None when there are none)."""
 
     ffn_groups: dict[int, list[_Group]] = field(default_factory=dict)
     num_steered_requests: int = 0
+    attention: AttentionWork | None = None
 
 
 _current: StepContext | None = None
@@ -79,21 +82,28 @@ def use_step_context(ctx: StepContext | None):
 
 
 def build_step_context(
-    entries: list[tuple[InfoSteerPlan, int, int]], device: torch.device | str
+    entries: list[tuple[InfoSteerPlan, int, int]],
+    device: torch.device | str,
+    attention_entries: list[tuple[ContextAttentionPlan, int, int, int]] = (),
 ) -> StepContext | None:
-    """entries: (plan, start_row, end_row) per steered request, rows of the flattened batch.
+    """entries: (plan, start_row, end_row) per InfoSteer-steered request, rows of the flattened
+    batch; attention_entries: (plan, batch_index, start_row, end_row) per context-attention-steered
+    request (batch_index: the request's index in the step's attention metadata).
 
     Requests with the same layer set and mode share one group, so per-layer work is a handful of
     batched ops whatever the number of distinct configurations.
     """
-    if not entries:
+    attention = AttentionWork.build(list(attention_entries), device) if attention_entries else None
+    if not entries and attention is None:
         return None
+    if not entries:
+        return StepContext(num_steered_requests=len(attention.requests), attention=attention)
     # (layers, mode) -> lists of row ranges and per-row parameters
     buckets: dict[tuple[tuple[int, ...], str], list[tuple[int, int, float, int]]] = {}
     for plan, start, end in entries:
         count = plan.k if plan.mode == "topk" else plan.m
         buckets.setdefault((plan.layers, plan.mode), []).append((start, end, plan.alpha, count))
-    ctx = StepContext(num_steered_requests=len(entries))
+    ctx = StepContext(num_steered_requests=len(entries), attention=attention)
     for (layers, mode), ranges in buckets.items():
         lengths = [end - start for start, end, _, _ in ranges]
         rows = torch.cat([torch.arange(s, e, dtype=torch.long) for s, e, _, _ in ranges])

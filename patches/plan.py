@@ -47,12 +47,51 @@ class InfoSteerPlan:
 
 
 @dataclass(frozen=True)
+class ContextAttentionPlan:
+    """User-context attention steering (PASTA-style) on chosen (layer, heads).
+
+    For every query of the request on a steered head, attention to keys outside `spans` is scaled
+    by alpha and renormalised: log(alpha) is added to those keys' attention logits. `spans` are
+    [start, end) prompt token positions (resolved by the server from the rendered prompt);
+    generated tokens are never emphasised. `heads` maps each steered layer to its global head
+    indices: ((layer, (head, ...)), ...), sorted.
+    """
+
+    alpha: float
+    heads: tuple[tuple[int, tuple[int, ...]], ...]
+    emphasis: str
+    spans: tuple[tuple[int, int], ...] = ()
+    prompt_len: int = 0  # the prompt length the spans were resolved for (0 = not resolved yet)
+    head_set: str | None = None  # the named head set the heads came from, for the echo
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(layer for layer, _ in self.heads)
+
+    @property
+    def emphasised_tokens(self) -> int:
+        return sum(end - start for start, end in self.spans)
+
+    def echo(self) -> dict:
+        out: dict = {
+            "steer": "context_attention", "alpha": self.alpha, "emphasis": self.emphasis,
+            "layers": list(self.layers), "heads": [[layer, list(hs)] for layer, hs in self.heads],
+            "num_heads": sum(len(hs) for _, hs in self.heads),
+            "emphasised_tokens": self.emphasised_tokens, "spans": [list(s) for s in self.spans],
+        }
+        if self.head_set is not None:
+            out["head_set"] = self.head_set
+        return out
+
+
+@dataclass(frozen=True)
 class SteerPlan:
     infosteer: InfoSteerPlan | None = None
+    context_attention: ContextAttentionPlan | None = None
 
     @property
     def is_empty(self) -> bool:
-        return self.infosteer is None
+        return self.infosteer is None and self.context_attention is None
 
     def to_json(self) -> str:
         body = {k: v for k, v in asdict(self).items() if v is not None}
@@ -64,7 +103,7 @@ class SteerPlan:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def applied(self) -> list[dict]:
-        return [self.infosteer.echo()] if self.infosteer else []
+        return [p.echo() for p in (self.infosteer, self.context_attention) if p is not None]
 
     def echo(self) -> dict:
         """The `steer` object returned to the client."""
@@ -80,4 +119,11 @@ def parse_plan(text: str) -> SteerPlan:
     info = body.get("infosteer")
     if info is not None:
         info = InfoSteerPlan(**{**info, "layers": tuple(info["layers"])})
-    return SteerPlan(infosteer=info)
+    ctx = body.get("context_attention")
+    if ctx is not None:
+        ctx = ContextAttentionPlan(**{
+            **ctx,
+            "heads": tuple((int(layer), tuple(hs)) for layer, hs in ctx["heads"]),
+            "spans": tuple((int(a), int(b)) for a, b in ctx["spans"]),
+        })
+    return SteerPlan(infosteer=info, context_attention=ctx)

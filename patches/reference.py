@@ -1,8 +1,11 @@
-"""Pure-torch reference of InfoSteer over Hugging Face transformers models (forward pre-hooks on
-each `down_proj`), as hook-based steering libraries do it: one configuration at a time, global to
-the model. Used by the parity tests (engine logprobs vs this) and as the benchmark baseline.
+"""Pure-torch references over Hugging Face transformers models, as hook-based steering libraries
+do it: InfoSteer with forward pre-hooks on each `down_proj` (one configuration at a time, global to
+the model); context attention (PASTA) with an additive bias in eager attention (one configuration
+per batch, per-row emphasised spans, as PASTA's own library). Used by the parity tests (engine
+logprobs vs these) and as the benchmarks' baseline.
 
-Mutates the model only inside `infosteer_hooks` (hooks are removed on exit).
+Mutates the model only inside the context managers (hooks removed, attention implementation
+restored on exit).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def token_logprobs(model, prompt_ids: list[int], output_ids: list[int], plan: St
     """Log-probability of each of `output_ids` after `prompt_ids` under the steered model
     (teacher forcing; the steer applies to prompt and generated positions, as in the engine)."""
     ids = torch.tensor([prompt_ids + output_ids], device=model.device)
-    with infosteer_hooks(model, plan.infosteer if plan else None):
+    with steered(model, [plan], [0], ids.shape[1]):
         logits = model(ids).logits[0].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     n = len(prompt_ids)
@@ -53,18 +56,98 @@ def token_logprobs(model, prompt_ids: list[int], output_ids: list[int], plan: St
 
 
 @torch.no_grad()
-def greedy_generate(model, batch_ids: list[list[int]], max_new_tokens: int, plan: SteerPlan | None,
-                    pad_token_id: int) -> list[list[int]]:
-    """Batched greedy decoding with Hugging Face `generate` (left padding) under one plan."""
+def greedy_generate(model, batch_ids: list[list[int]], max_new_tokens: int,
+                    plan: SteerPlan | None | list[SteerPlan | None], pad_token_id: int) -> list[list[int]]:
+    """Batched greedy decoding with Hugging Face `generate` (left padding) under one plan, or one
+    plan per row (rows may differ only in their context-attention spans)."""
     width = max(len(x) for x in batch_ids)
     ids = torch.full((len(batch_ids), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, row in enumerate(batch_ids):
         ids[r, width - len(row):] = torch.tensor(row)
         mask[r, width - len(row):] = 1
-    with infosteer_hooks(model, plan.infosteer if plan else None):
+    plans = plan if isinstance(plan, list) else [plan] * len(batch_ids)
+    with steered(model, plans, [width - len(r) for r in batch_ids], width + max_new_tokens):
         out = model.generate(
             input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
         )
     return [row[width:].tolist() for row in out]
+
+
+# ----------------------------------------------------------------------------- context attention
+
+_ATTN_IMPL = "steerserve_context"
+_bias_state: dict = {"by_layer": None}
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    def steered_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        """Eager attention (float additive mask) plus this layer's steering bias, per row and head."""
+        by_layer = _bias_state["by_layer"]
+        bias = by_layer.get(module.layer_idx) if by_layer else None
+        if bias is not None:
+            key_len = key.shape[2]
+            extra = bias[..., :key_len].to(query.dtype)  # [B, H, 1, key_len]
+            attention_mask = extra if attention_mask is None else attention_mask + extra
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    AttentionInterface.register(_ATTN_IMPL, steered_eager)
+    AttentionMaskInterface.register(_ATTN_IMPL, eager_mask)
+
+
+def pasta_bias(plans: list, pads: list[int], total_len: int, num_heads: int) -> dict[int, torch.Tensor]:
+    """Per steered layer, the additive bias [B, num_heads, 1, total_len] for a left-padded batch:
+    row r's token at padded index j is position j - pads[r]; log(alpha) on keys outside the row's
+    emphasised spans (generated positions included) on the row's steered heads, 0 elsewhere."""
+    from .context_attention import key_bias
+
+    layers = sorted({layer for p in plans if p is not None for layer in p.layers})
+    out = {layer: torch.zeros(len(plans), num_heads, 1, total_len) for layer in layers}
+    for r, (plan, pad) in enumerate(zip(plans, pads)):
+        if plan is None:
+            continue
+        row = torch.zeros(total_len)
+        row[pad:] = key_bias(plan, total_len - pad)
+        for layer, heads in plan.heads:
+            out[layer][r, list(heads), 0, :] = row
+    return out
+
+
+@contextlib.contextmanager
+def context_attention_bias(model: torch.nn.Module, plans: list, pads: list[int], total_len: int):
+    """Steer attention as PASTA's own code does (one batch, per-row emphasised spans, an additive
+    bias in eager attention) while inside the block; `plans[r]` is row r's ContextAttentionPlan or
+    None. The model's attention implementation is switched and restored on exit."""
+    if all(p is None for p in plans):
+        yield model
+        return
+    _register_attention()
+    cfg = model.config
+    previous = cfg._attn_implementation
+    num_heads = cfg.num_attention_heads
+    _bias_state["by_layer"] = {k: v.to(model.device) for k, v in pasta_bias(plans, pads, total_len, num_heads).items()}
+    model.set_attn_implementation(_ATTN_IMPL)
+    try:
+        yield model
+    finally:
+        _bias_state["by_layer"] = None
+        model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def steered(model: torch.nn.Module, plans: list, pads: list[int] | None = None, total_len: int = 0):
+    """Every steer of one-or-more plans: InfoSteer hooks (all rows must share one InfoSteer plan, as
+    hook libraries do) and per-row context attention."""
+    pads = pads or [0] * len(plans)
+    infos = {p.infosteer for p in plans if p is not None}
+    if len(infos) > 1:
+        raise ValueError("the hooks reference holds one InfoSteer configuration per batch")
+    info = infos.pop() if infos else None
+    ctx_plans = [p.context_attention if p is not None else None for p in plans]
+    with infosteer_hooks(model, info), context_attention_bias(model, ctx_plans, pads, total_len):
+        yield model

@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from . import context as _context
 from .context import build_step_context, ffn_steer, use_step_context
+from .context_attention import CpuPagedKV, FlashPagedKV, PagedKV
 from .plan import EXTRA_ARGS_KEY, parse_plan
 
 logger = logging.getLogger("steerserve")
@@ -33,14 +35,16 @@ logger = logging.getLogger("steerserve")
 _WRAPPED_MARK = "_steerserve_wrapped"
 
 
-def steered_row_entries(runner: Any) -> list:
-    """(InfoSteerPlan, start_row, end_row) for each steered request in the runner's current step."""
+def steered_row_entries(runner: Any) -> tuple[list, list]:
+    """This step's steered requests, read from the runner:
+    ([(InfoSteerPlan, start_row, end_row)], [(ContextAttentionPlan, batch_index, start_row, end_row)])."""
     batch = runner.input_batch
     num_reqs = batch.num_reqs
+    ffn: list = []
+    attention: list = []
     if num_reqs == 0:
-        return []
+        return ffn, attention
     qsl = runner.query_start_loc.np
-    entries = []
     requests = runner.requests
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
         state = requests.get(req_id)
@@ -53,9 +57,22 @@ def steered_row_entries(runner: Any) -> list:
             continue
         plan = parse_plan(text)
         start, end = int(qsl[i]), int(qsl[i + 1])
-        if plan.infosteer is not None and end > start:
-            entries.append((plan.infosteer, start, end))
-    return entries
+        if end <= start:
+            continue
+        if plan.infosteer is not None:
+            ffn.append((plan.infosteer, start, end))
+        ctx = plan.context_attention
+        if ctx is not None:
+            prompt_len = getattr(state, "num_prompt_tokens", None)
+            if ctx.prompt_len and prompt_len is not None and prompt_len != ctx.prompt_len:
+                # The server resolved the spans on the prompt it rendered; the engine got another.
+                # Never apply spans to the wrong tokens.
+                logger.error("steerserve: request %s: context-attention spans were resolved for %d prompt "
+                             "tokens but the engine has %d; not steering its attention", req_id,
+                             ctx.prompt_len, prompt_len)
+                continue
+            attention.append((ctx, i, start, end))
+    return ffn, attention
 
 
 def install_runner_hook() -> None:
@@ -67,10 +84,10 @@ def install_runner_hook() -> None:
         return
 
     def _model_forward(self, *args, **kwargs):
-        entries = steered_row_entries(self)
-        if not entries:
+        ffn, attention = steered_row_entries(self)
+        if not ffn and not attention:
             return original(self, *args, **kwargs)
-        ctx = build_step_context(entries, self.device)
+        ctx = build_step_context(ffn, self.device, attention)
         with use_step_context(ctx):
             return original(self, *args, **kwargs)
 
@@ -121,6 +138,116 @@ def make_mlps_steerable(model: torch.nn.Module) -> int:
             _steerable_classes[cls] = type(f"Steerable{cls.__name__}", (_SteerableMLPMixin, cls), {})
         mlp.__class__ = _steerable_classes[cls]
         mlp.steer_layer = layer
+        swapped += 1
+    return swapped
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, vLLM `Attention` layer) for every decoder self-attention of `model`."""
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return [(extract_layer_index(name), m) for name, m in model.named_modules() if isinstance(m, Attention)]
+
+
+_readers: dict[tuple, PagedKV] = {}
+
+
+def paged_kv_reader(impl: Any, layer: Any, kv_cache: torch.Tensor) -> PagedKV:
+    """The reader for this attention backend's paged KV layout (cached per layout)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    _, kvh, block_size, two_d = kv_cache.shape
+    head_dim = two_d // 2
+    if isinstance(impl, CPUAttentionBackendImpl):
+        key = ("cpu", layer.isa, kv_cache.dtype, kvh, block_size, head_dim)
+        if key not in _readers:
+            from vllm import _custom_ops as ops
+
+            def write(k, v, key_cache, value_cache, slots):
+                ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, layer.isa,
+                                               k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+            _readers[key] = CpuPagedKV.calibrate(write, kvh, block_size, head_dim, kv_cache.dtype)
+            logger.info("steerserve: CPU paged KV layout (isa %s): K %s, V %s", layer.isa,
+                        _readers[key].kind_k, _readers[key].kind_v)
+        return _readers[key]
+    key = ("flash", block_size, head_dim)
+    if key not in _readers:
+        _readers[key] = FlashPagedKV(block_size, head_dim)
+    return _readers[key]
+
+
+def attention_supports_steering(impl: Any) -> str | None:
+    """None when context-attention steering can run on this attention impl, else the reason."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    supported = (CPUAttentionBackendImpl,)
+    try:
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+        supported += (FlashAttentionImpl,)
+    except Exception:  # noqa: BLE001 - not importable on every platform
+        pass
+    if not isinstance(impl, supported):
+        return f"attention backend {type(impl).__name__} (supported: CPU_ATTN, FLASH_ATTN)"
+    if getattr(impl, "sliding_window", None) not in (None, -1, (-1, -1)):
+        return "sliding-window attention"
+    if getattr(impl, "alibi_slopes", None) is not None or getattr(impl, "sinks", None) is not None:
+        return "ALiBi or attention sinks"
+    if getattr(impl, "logits_soft_cap", 0) not in (0, None):
+        return "logit soft-capping"
+    if getattr(impl, "kv_cache_dtype", "auto") != "auto":
+        return f"quantized KV cache ({impl.kv_cache_dtype})"
+    return None
+
+
+def _steerable_impl_class(cls: type) -> type:
+    """A subclass of the attention impl class `cls` whose forward is the backend's forward, then the
+    context-attention second pass for the steered rows of this layer
+    (`context_attention.AttentionWork.apply_`). It runs eagerly every step: vLLM calls attention
+    through an opaque custom op, also under torch.compile. (Built as a direct subclass with no
+    mixin base, so instances keep their object layout and `__class__` can be swapped in place.)"""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        out = cls.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        ctx = _context.current()
+        work = ctx.attention if ctx is not None else None
+        if work is None or attn_metadata is None or self.steer_layer not in work.layers:
+            return out
+        unsupported = attention_supports_steering(self)
+        if unsupported is not None:
+            raise RuntimeError(f"steerserve: context-attention steering is not supported with {unsupported}")
+        work.apply_(
+            self.steer_layer, query, output, kv_cache, paged_kv_reader(self, layer, kv_cache),
+            attn_metadata.seq_lens, attn_metadata.block_table, self.scale, self.steer_head_offset,
+        )
+        return out
+
+    return type(f"Steerable{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+
+
+_steerable_impls: dict[type, type] = {}
+
+
+def make_attention_steerable(model: torch.nn.Module) -> int:
+    """Swap the attention impl of every decoder self-attention for a steerable subclass of its own
+    class, in place. Returns the number of layers swapped."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    try:
+        rank = get_tensor_model_parallel_rank()
+    except Exception:  # noqa: BLE001 - no parallel state (unit tests)
+        rank = 0
+    swapped = 0
+    for layer, attn in attention_modules(model):
+        impl = attn.impl
+        cls = type(impl)
+        if cls not in _steerable_impls:
+            _steerable_impls[cls] = _steerable_impl_class(cls)
+        impl.__class__ = _steerable_impls[cls]
+        impl.steer_layer = layer
+        impl.steer_head_offset = rank * impl.num_heads  # local heads of this tensor-parallel rank
         swapped += 1
     return swapped
 
