@@ -265,13 +265,17 @@ def model_info_from_engine(engine_client: Any):
     hf = vllm_config.model_config.hf_config
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     arch = (vllm_config.model_config.architectures or ["unknown"])[0]
-    return ModelInfo(
-        architecture=arch,
-        num_layers=int(text.num_hidden_layers),
-        ffn_width=int(getattr(text, "intermediate_size", 0) or 0),
-        ffn_steerable=arch in STEERABLE_ARCHITECTURES.values(),
-        tensor_parallel_size=int(vllm_config.parallel_config.tensor_parallel_size),
+    info = ModelInfo.from_config(
+        arch, text.to_dict(), arch in STEERABLE_ARCHITECTURES.values(),
+        int(vllm_config.parallel_config.tensor_parallel_size),
     )
+    kv_dtype = vllm_config.cache_config.cache_dtype
+    if info.attention_steerable and kv_dtype not in ("auto", None):
+        from dataclasses import replace
+
+        info = replace(info, attention_steerable=False,
+                       attention_unsupported_reason=f"the KV cache is quantized ({kv_dtype})")
+    return info
 
 
 def http_surface():
@@ -299,6 +303,51 @@ def http_surface():
         serving_chat=chat_router.chat,
         ChatCompletionResponse=chat_router.ChatCompletionResponse,
     )
+
+
+_RENDER_MARK = "_steerserve_render_hook"
+
+
+def intercept_renders(state: Any, hook: Any) -> None:
+    """Route the chat and completion serving objects' prompt rendering through `hook` (idempotent).
+
+    vLLM's handlers call `serving.render_chat_request(request)` /
+    `serving.render_completion_request(request)` once per request, before building the sampling
+    params from the request; `await hook(kind, serving, request, result)` sees the rendered result
+    ((conversation, engine inputs) for chat, engine inputs for completions; or an ErrorResponse) and
+    returns it or an ErrorResponse. An engine input is a dict with `prompt_token_ids`, `prompt`
+    (the rendered text, when known) and `cache_salt`."""
+    for kind, attr, method in (("chat", "openai_serving_chat", "render_chat_request"),
+                               ("completions", "openai_serving_completion", "render_completion_request")):
+        serving = getattr(state, attr, None)
+        if serving is None or getattr(serving, _RENDER_MARK, False):
+            continue
+        original = getattr(serving, method)
+
+        async def render(request, _original=original, _kind=kind, _serving=serving):
+            return await hook(_kind, _serving, request, await _original(request))
+
+        setattr(serving, method, render)
+        setattr(serving, _RENDER_MARK, True)
+
+
+async def render_chat_text(serving: Any, request: Any) -> tuple[list, str, list[int]]:
+    """Render a chat request with vLLM's own renderer, without the engine checks:
+    (conversation as the template saw it, prompt text, prompt token ids)."""
+    result = await serving.online_renderer.render_chat(request)
+    if isinstance(result, http_surface().ErrorResponse):
+        raise ValueError(result.error.message)
+    conversation, inputs = result
+    return conversation, engine_input_text(inputs[0]), list(inputs[0]["prompt_token_ids"])
+
+
+def engine_input_text(engine_input: Any) -> str | None:
+    return engine_input.get("prompt") if isinstance(engine_input, dict) else None
+
+
+def renderer_tokenizer(serving: Any):
+    """The Hugging Face tokenizer the serving object renders with."""
+    return serving.renderer.tokenizer
 
 
 def run_openai_server(argv: list[str]) -> None:

@@ -24,11 +24,13 @@ from starlette.datastructures import State
 
 from steerserve.patches.plan import EXTRA_ARGS_KEY, SteerPlan
 
-from . import metrics
+from . import metrics, spans
 from .experiments import UNIT_HEADER, resolve_experiment
 from .profiles import load_for_server
 from .schema import SteerError, normalise, resolve_profile
-from steerserve.patches.vllm_adapter import http_surface, model_info_from_engine
+from steerserve.patches.vllm_adapter import (
+    engine_input_text, http_surface, intercept_renders, model_info_from_engine, render_chat_text, renderer_tokenizer,
+)
 
 _vllm = http_surface()
 ChatCompletionRequest = _vllm.ChatCompletionRequest
@@ -56,6 +58,20 @@ def bad_request(field: str | None, message: str) -> JSONResponse:
     return JSONResponse(content=body.model_dump(), status_code=400)
 
 
+@dataclass
+class SpanJob:
+    """A context-attention plan waiting for its emphasised spans, resolved when vLLM renders the
+    prompt (`_render_hook`). `marked`: chat: message index -> marked character ranges of its
+    content; completions: the marked character ranges of the prompt."""
+
+    plan: SteerPlan
+    marked: dict | list
+    resolved: SteerPlan | None = None
+
+
+_pending: dict[int, SpanJob] = {}  # id(parsed request) -> job, between take_plan and the render
+
+
 @dataclass(frozen=True)
 class Applied:
     """A request's normalised plan and the profile it came from."""
@@ -63,9 +79,15 @@ class Applied:
     plan: SteerPlan
     profile: str | None = None
     experiment: tuple[str, str] | None = None  # (experiment, arm)
+    spans: SpanJob | None = None
+
+    @property
+    def effective_plan(self) -> SteerPlan:
+        """The plan the engine got (with resolved spans once the prompt was rendered)."""
+        return self.spans.resolved if self.spans is not None and self.spans.resolved is not None else self.plan
 
     def echo(self) -> dict:
-        echo = self.plan.echo()
+        echo = self.effective_plan.echo()
         if self.profile is not None:
             echo["profile"] = self.profile
         if self.experiment is not None:
@@ -73,24 +95,112 @@ class Applied:
         return echo
 
 
-def apply_steer(request, raw: object, state: State, unit: str | None = None) -> Applied:
+def _prepare_spans(request, plan: SteerPlan, endpoint: str) -> SpanJob:
+    """Strip emphasis markers off the request's text (mode "marked") and register the span job
+    that `_render_hook` completes. Mutates `request.messages` / `request.prompt`."""
+    mode = plan.context_attention.emphasis
+    if endpoint == "completions":
+        prompt = request.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise SteerError("prompt", "context-attention steering on /v1/completions needs a single text prompt")
+        clean, marked = spans.strip_markers(prompt, "prompt")
+        if not marked:
+            raise SteerError(spans.FIELD, f'"marked" needs text wrapped in {spans.MARK_OPEN} ... '
+                                          f"{spans.MARK_CLOSE}; none found in the prompt")
+        request.prompt = clean
+    else:
+        marked = {}
+        if mode == "marked":
+            stripped = spans.strip_message_markers(list(request.messages))
+            if not stripped.marked:
+                raise SteerError(spans.FIELD, f'"marked" needs text wrapped in {spans.MARK_OPEN} ... '
+                                              f"{spans.MARK_CLOSE}; none found in the messages")
+            request.messages = stripped.messages
+            marked = stripped.marked
+    job = SpanJob(plan, marked)
+    _pending[id(request)] = job
+    return job
+
+
+def apply_steer(request, raw: object, state: State, unit: str | None = None, endpoint: str = "chat") -> Applied:
     """Resolve the experiment arm (by `unit`) and profile of a raw `steer` value, validate it
     against the served model, and put the plan on a parsed vLLM request (mutates
-    `request.vllm_xargs` and `request.cache_salt`). Raises SteerError naming the field."""
+    `request.vllm_xargs` and `request.cache_salt`; with context attention also the text, see
+    `_prepare_spans`). Raises SteerError naming the field."""
     config = state.steerserve_config
     raw, experiment = resolve_experiment(raw, config.experiments, unit)
     raw, profile = resolve_profile(raw, config.profiles)
-    plan = normalise(raw, state.steerserve_model_info)
+    plan = normalise(raw, state.steerserve_model_info, config.head_sets, endpoint)
+    job = None
+    if plan.context_attention is not None:
+        try:
+            job = _prepare_spans(request, plan, endpoint)
+        except spans.SpanError as err:
+            raise SteerError(err.field, err.message) from None
     if not plan.is_empty:
         request.vllm_xargs = {**(request.vllm_xargs or {}), EXTRA_ARGS_KEY: plan.to_json()}
         # Steering changes the KV a prompt produces: salt the prefix cache with the plan, so a
         # steered request never reuses KV computed under another plan (and repeats reuse theirs).
         salt = f"steer:{plan.fingerprint()}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-    return Applied(plan, profile, experiment)
+    return Applied(plan, profile, experiment, job)
 
 
-def take_plan(request, raw_request: Request, field_prefix: str = "") -> tuple[Applied | None, JSONResponse | None]:
+def _error(field: str, message: str):
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo
+
+    return ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", param=field, code=400))
+
+
+async def _render_hook(kind: str, serving, request, result):
+    """Complete a pending span job on the prompt vLLM just rendered: find the emphasised tokens, put
+    the resolved plan on the request (read next by vLLM's `to_sampling_params`), and salt the
+    prefix cache with the spans where they are not a function of the prompt prefix alone."""
+    job = _pending.pop(id(request), None)
+    if job is None or isinstance(result, ErrorResponse):
+        return result
+    ctx = job.plan.context_attention
+    try:
+        inputs = result[1] if kind == "chat" else result
+        if len(inputs) != 1:
+            raise spans.SpanError("prompt", "context-attention steering needs exactly one prompt per request")
+        engine_input = inputs[0]
+        ids = list(engine_input["prompt_token_ids"])
+        if kind == "chat":
+            conversation = result[0]
+            text = engine_input_text(engine_input)
+            sentinel = request.model_copy(update={"messages": spans.sentinel_messages(list(request.messages))})
+            _, sentinel_text, _ = await render_chat_text(serving, sentinel)
+            if text is None:
+                raise spans.SpanError(spans.FIELD, "the rendered prompt text is unavailable")
+            contents = {i: spans._text_of(m) for i, m in enumerate(conversation)}
+            ranges = spans.message_ranges(text, sentinel_text, contents)
+            roles = [m.get("role", "") for m in conversation]
+            chars = spans.emphasised_char_ranges(ctx.emphasis, roles, ranges, job.marked)
+        else:
+            text, chars = request.prompt, job.marked
+        found = spans.resolve(ctx.emphasis, renderer_tokenizer(serving), text, ids, chars)
+    except (spans.SpanError, ValueError) as err:
+        field = getattr(err, "field", spans.FIELD)
+        metrics.REJECTED.labels(field=field).inc()
+        return _error(field, f"invalid steering: {field}: {getattr(err, 'message', str(err))}")
+    from dataclasses import replace
+
+    resolved = replace(job.plan, context_attention=replace(ctx, spans=found, prompt_len=len(ids)))
+    job.resolved = resolved
+    request.vllm_xargs = {**(request.vllm_xargs or {}), EXTRA_ARGS_KEY: resolved.to_json()}
+    if ctx.emphasis != "user":
+        # "user" spans depend only on the prompt prefix (prefix-cache safe with the plan's salt);
+        # "last_user" and "marked" spans do not: salt with the resolved spans too.
+        salt = f"spans:{resolved.fingerprint()}"
+        engine_input["cache_salt"] = f"{engine_input.get('cache_salt')}|{salt}" if engine_input.get("cache_salt") else salt
+    return result
+
+
+def take_plan(request, raw_request: Request, field_prefix: str = "",
+              endpoint: str = "chat") -> tuple[Applied | None, JSONResponse | None]:
     """Pop `steer` off a parsed vLLM request and apply it (`apply_steer`).
 
     Mutates `request` (vllm_xargs, cache_salt, model_extra). Returns (what is applied, or None when
@@ -104,7 +214,8 @@ def take_plan(request, raw_request: Request, field_prefix: str = "") -> tuple[Ap
         return None, None
     unit = getattr(request, "user", None) or raw_request.headers.get(UNIT_HEADER)
     try:
-        return apply_steer(request, extra.pop(STEER_FIELD), raw_request.app.state, unit), None
+        intercept_renders(raw_request.app.state, _render_hook)
+        return apply_steer(request, extra.pop(STEER_FIELD), raw_request.app.state, unit, endpoint), None
     except SteerError as err:
         field = f"{field_prefix}{err.field}"
         metrics.REJECTED.labels(field=err.field).inc()
@@ -144,12 +255,15 @@ def with_echo(response: Response | None, applied: Applied | None) -> Response | 
 
 async def _steered(endpoint: str, stock_handler, request, raw_request: Request):
     """Take the request's plan, run vLLM's own route handler, echo and count what was applied."""
-    applied, error = take_plan(request, raw_request)
+    applied, error = take_plan(request, raw_request, endpoint=endpoint)
     if error is not None:
         return error
     metrics.count_request(endpoint, applied.plan if applied else None)
     started = time.perf_counter()
-    response = with_echo(await stock_handler(request, raw_request), applied)
+    try:
+        response = with_echo(await stock_handler(request, raw_request), applied)
+    finally:
+        _pending.pop(id(request), None)  # vLLM refused the request before rendering it
     return metrics.track_experiment(response, applied.experiment if applied else None, started)
 
 
@@ -182,9 +296,18 @@ async def list_profiles(raw_request: Request):
     info = raw_request.app.state.steerserve_model_info
     data = []
     for name, steer in sorted(raw_request.app.state.steerserve_config.profiles.items()):
-        plan = normalise(steer, info)
+        plan = normalise(steer, info, raw_request.app.state.steerserve_config.head_sets)
         data.append({"name": name, "steer": steer, "applied": plan.applied(), "fingerprint": plan.fingerprint()})
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/steer/head_sets")
+async def list_head_sets(raw_request: Request):
+    """The head sets loaded for context-attention steering (`--head-set`, config `head_sets`)."""
+    sets = raw_request.app.state.steerserve_config.head_sets
+    return {"object": "list", "data": [
+        {"name": name, "num_heads": len(pairs), "heads": [list(p) for p in pairs]} for name, pairs in sorted(sets.items())
+    ]}
 
 
 class SteerEndpointPlugin:

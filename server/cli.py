@@ -51,6 +51,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="server config file (YAML or JSON) with steering `profiles` and A/B `experiments`; "
                         "validated against the model before start-up (see README, Profiles)")
+    p.add_argument("--head-set", action="append", default=[], metavar="[NAME=]FILE",
+                   help="load a head set for context-attention steering (repeatable; a file written by "
+                        "`steerserve heads profile`; NAME defaults to the file's name). A set named `default` "
+                        "is used by requests that give no `heads`; serving the embedded model loads its "
+                        "profiled set as `default` unless one is given")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="pass one more argument to vLLM's server verbatim (repeatable), "
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
@@ -116,16 +121,35 @@ def serve(args: argparse.Namespace) -> None:
     if not args.api_key and not _is_loopback(args.host):
         print(f"[steerserve] WARNING: serving on {args.host} without --api-key: anyone who can reach it "
               "can use it", file=sys.stderr)
-    if args.config:
-        from steerserve.server.profiles import CONFIG_ENV, ConfigError, load_config
+    from steerserve.server import head_sets
+    from steerserve.server.profiles import CONFIG_ENV, ConfigError, load_config
 
+    info = ModelInfo.from_checkpoint(model)
+    files: dict[str, Path] = {}
+    try:
+        for value in args.head_set:
+            name, path = head_sets.parse_cli_value(value)
+            if name in files:
+                raise head_sets.HeadSetError(f"head set {name!r} given twice")
+            files[name] = path.resolve()
+        if not args.model and "default" not in files and head_sets.EMBEDDED_DEFAULT.exists():
+            files["default"] = head_sets.EMBEDDED_DEFAULT
+        sets = head_sets.load_files(files, info)
+    except head_sets.HeadSetError as err:
+        raise SystemExit(f"steerserve serve: --head-set: {err}") from None
+    os.environ[head_sets.HEAD_SETS_ENV] = json.dumps({k: str(v) for k, v in files.items()})
+    if args.config:
         try:
-            config = load_config(args.config, ModelInfo.from_checkpoint(model))
+            config = load_config(args.config, info, sets)
         except ConfigError as err:
             raise SystemExit(f"steerserve serve: --config: {err}") from None
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
         print(f"[steerserve] from {args.config}: profiles {', '.join(config.profiles) or '-'}; "
               f"experiments {', '.join(config.experiments) or '-'}", file=sys.stderr)
+        sets = config.head_sets
+    if sets:
+        print(f"[steerserve] head sets: " + ", ".join(f"{k} ({len(v)} heads)" for k, v in sets.items()),
+              file=sys.stderr)
     enable_plugins()
     argv = vllm_argv(args, model)
     print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steerserve.patches.vllm_adapter import http_surface
 
-from .api import STEER_FIELD, bad_request, take_plan
+from .api import STEER_FIELD, _pending, bad_request, take_plan
 
 MAX_ARMS = 8
 _vllm = http_surface()
@@ -96,7 +96,11 @@ async def compare(raw_request: Request):
         result = await handler.create_chat_completion(request, raw_request)
         return result, (time.perf_counter() - t0) * 1000
 
-    results = await asyncio.gather(*(run(r) for r in requests))
+    try:
+        results = await asyncio.gather(*(run(r) for r in requests))
+    finally:
+        for r in requests:
+            _pending.pop(id(r), None)
     out = []
     first_tokens: list[int] | None = None
     for arm, arm_applied, (result, latency_ms) in zip(arms, applied, results):

@@ -1,8 +1,12 @@
 """The server config file: named steering profiles and A/B experiments over them.
 
     # steerserve.yaml (or .json)
+    head_sets:
+      context: heads/context.json        # a file written by `steerserve heads profile`
+      early: [[2, 0], [2, 1], [3, 4]]    # or inline [layer, head] pairs
     profiles:
       gentle: {infosteer: {alpha: 1.2, layers: [10, 11, 12, 13]}}
+      focus:  {context_attention: {alpha: 0.5, heads: context}}
       lift:   {infosteer: {mode: lift, alpha: 2.0, p: 0.02}}
     experiments:
       tone: {arms: [{name: control}, {name: gentle, profile: gentle, weight: 3}]}
@@ -19,17 +23,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import head_sets
 from .experiments import Experiment, parse_experiments
 from .schema import ModelInfo, SteerError, normalise, parse_spec
 
 CONFIG_ENV = "STEERSERVE_CONFIG"
-TOP_LEVEL_KEYS = ("profiles", "experiments")
+TOP_LEVEL_KEYS = ("profiles", "experiments", "head_sets")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     profiles: dict[str, dict] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
+    head_sets: dict[str, tuple] = field(default_factory=dict)  # name -> ((layer, head), ...)
 
 
 class ConfigError(ValueError):
@@ -56,13 +62,38 @@ def _read(path: Path) -> dict:
     return data
 
 
-def load_config(path: str | Path, info: ModelInfo | None) -> ServerConfig:
-    """Read the config file and validate every profile (against `info` when given) and experiment."""
+def _head_sets(raw: object, path: Path, info: ModelInfo | None, base: dict[str, tuple]) -> dict[str, tuple]:
+    out = dict(base)
+    if raw is None:
+        return out
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: `head_sets` must be a mapping of name -> file path or [[layer, head], ...]")
+    for name, value in raw.items():
+        if name in out:
+            raise ConfigError(f"{path}: head set {name!r} is defined twice (config file and --head-set)")
+        try:
+            if isinstance(value, str):
+                file = (path.parent / value) if not Path(value).is_absolute() else Path(value)
+                out[name] = head_sets.check(name, head_sets.read_head_set(file)["heads"], info, str(path))
+            else:
+                out[name] = head_sets.check(name, value, info, str(path))
+        except head_sets.HeadSetError as err:
+            raise ConfigError(str(err)) from None
+    return out
+
+
+def load_config(path: str | Path | None, info: ModelInfo | None,
+                extra_head_sets: dict[str, tuple] | None = None) -> ServerConfig:
+    """Read the config file and validate every head set, profile (against `info` when given) and
+    experiment. `extra_head_sets` come from the command line (already checked)."""
+    if path is None:
+        return ServerConfig(head_sets=dict(extra_head_sets or {}))
     path = Path(path)
     data = _read(path)
     unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_LEVEL_KEYS)}")
+    sets = _head_sets(data.get("head_sets"), path, info, extra_head_sets or {})
     profiles = data.get("profiles") or {}  # experiments are checked against these below
     if not isinstance(profiles, dict):
         raise ConfigError(f"{path}: `profiles` must be a mapping of name -> steer object")
@@ -75,17 +106,28 @@ def load_config(path: str | Path, info: ModelInfo | None) -> ServerConfig:
             if info is None:
                 parse_spec(steer)
             else:
-                normalise(steer, info)
+                normalise(steer, info, sets)
         except SteerError as err:
             raise ConfigError(f"{path}: profile {name!r}: {err.field}: {err.message}") from None
     try:
         experiments = parse_experiments(data.get("experiments"), profiles, str(path))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return ServerConfig(profiles, experiments)
+    return ServerConfig(profiles, experiments, sets)
+
+
+def cli_head_sets(info: ModelInfo | None) -> dict[str, tuple]:
+    """The head sets named by $STEERSERVE_HEAD_SETS (JSON {name: file}, set by `steerserve serve`)."""
+    raw = os.environ.get(head_sets.HEAD_SETS_ENV)
+    if not raw:
+        return {}
+    try:
+        return head_sets.load_files(json.loads(raw), info)
+    except head_sets.HeadSetError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_for_server(info: ModelInfo) -> ServerConfig:
-    """The config named by $STEERSERVE_CONFIG (set by `steerserve serve --config`), or an empty one."""
-    path = os.environ.get(CONFIG_ENV)
-    return load_config(path, info) if path else ServerConfig()
+    """The config named by $STEERSERVE_CONFIG (set by `steerserve serve --config`) plus the head
+    sets of $STEERSERVE_HEAD_SETS."""
+    return load_config(os.environ.get(CONFIG_ENV) or None, info, cli_head_sets(info))

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steerserve.patches.infosteer import lift_count
-from steerserve.patches.plan import InfoSteerPlan, SteerPlan
+from steerserve.patches.plan import ContextAttentionPlan, InfoSteerPlan, SteerPlan
 
 ALPHA_MIN, ALPHA_MAX = 0.0, 10.0
 MAX_LAYER_LIST = 1024  # cap on the length of a layer list, duplicates included
@@ -37,6 +37,31 @@ class InfoSteerSpec(BaseModel):
     )
 
 
+CONTEXT_ALPHA_DEFAULT = 0.7
+MAX_HEAD_LIST = 4096  # cap on the length of a (layer, head) list
+
+
+class ContextAttentionSpec(BaseModel):
+    """`steer.context_attention`: user-context attention steering (see README, "Context attention")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    alpha: float = Field(
+        CONTEXT_ALPHA_DEFAULT, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="attention to non-emphasised keys is scaled by alpha and renormalised; 1 = off",
+    )
+    layers: Literal["all"] | list[int] = Field(
+        "all", max_length=MAX_LAYER_LIST, description='"all" or 0-based decoder layer indices'
+    )
+    heads: Literal["all"] | list[list[int]] | str | None = Field(
+        None, description='"all", [[layer, head], ...], or the name of a head set the server loaded; '
+        "default: the server's default head set if it has one, else all"
+    )
+    emphasis: Literal["user", "last_user", "marked"] | None = Field(
+        None, description='"user" (default on chat), "last_user" or "marked" (the only mode on /v1/completions)'
+    )
+
+
 class SteerSpec(BaseModel):
     """The `steer` object of a request."""
 
@@ -45,6 +70,7 @@ class SteerSpec(BaseModel):
     profile: str | None = Field(None, description="name of a server-side profile; the other fields override it")
     experiment: str | None = Field(None, description="name of a server-side A/B experiment (alone)")
     infosteer: InfoSteerSpec | None = None
+    context_attention: ContextAttentionSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +82,9 @@ class ModelInfo:
     ffn_width: int
     ffn_steerable: bool
     tensor_parallel_size: int = 1
+    num_heads: int = 0  # attention heads per layer (global, all ranks)
+    attention_steerable: bool = False
+    attention_unsupported_reason: str = ""
 
     @classmethod
     def from_checkpoint(cls, model_dir, steerable: bool | None = None) -> ModelInfo:
@@ -70,7 +99,20 @@ class ModelInfo:
         text = cfg if "num_hidden_layers" in cfg else cfg.get("text_config", {})
         if steerable is None:
             steerable = arch in STEERABLE_ARCHITECTURES or arch in STEERABLE_ARCHITECTURES.values()
-        return cls(arch, int(text.get("num_hidden_layers", 0)), int(text.get("intermediate_size") or 0), steerable)
+        return cls.from_config(arch, text, steerable)
+
+    @classmethod
+    def from_config(cls, arch: str, text: dict, steerable: bool, tensor_parallel_size: int = 1) -> ModelInfo:
+        """From a (text) model config as a dict."""
+        reason = ""
+        if not steerable:
+            reason = f"the served model ({arch}) has no steering support; supported: Llama and Qwen2 architectures"
+        elif text.get("use_sliding_window") or (text.get("sliding_window") and "use_sliding_window" not in text):
+            reason = "the served model uses sliding-window attention"
+        return cls(
+            arch, int(text.get("num_hidden_layers", 0)), int(text.get("intermediate_size") or 0), steerable,
+            tensor_parallel_size, int(text.get("num_attention_heads") or 0), steerable and not reason, reason,
+        )
 
 
 class SteerError(ValueError):
@@ -85,6 +127,7 @@ class SteerError(ValueError):
 _ALLOWED = {
     "steer": sorted(SteerSpec.model_fields),
     "steer.infosteer": sorted(InfoSteerSpec.model_fields),
+    "steer.context_attention": sorted(ContextAttentionSpec.model_fields),
 }
 
 
@@ -102,8 +145,12 @@ def _from_validation_error(err: ValidationError) -> SteerError:
             break
     loc = ".".join(parts)
     msg = first["msg"]
-    if in_union and loc == "steer.infosteer.layers":
+    if in_union and loc.endswith(".layers"):
         msg = 'must be "all" or a list of integer layer indices'
+    elif in_union and loc == "steer.context_attention.heads":
+        msg = 'must be "all", a list of [layer, head] pairs, or the name of a head set'
+    elif loc == "steer.context_attention.alpha":
+        msg = f"{msg} (allowed range (0, 1]; 1 means no steering)"
     elif first["type"] in ("model_type", "model_attributes_type", "dict_type"):
         msg = "must be an object"
     elif first["type"] == "extra_forbidden":
@@ -128,13 +175,13 @@ def parse_spec(raw: object) -> SteerSpec:
         raise _from_validation_error(err) from None
 
 
-def _resolve_layers(layers: str | list[int], info: ModelInfo) -> tuple[int, ...]:
+def _resolve_layers(layers: str | list[int], info: ModelInfo, field: str = "steer.infosteer.layers") -> tuple[int, ...]:
     if layers == "all":
         return tuple(range(info.num_layers))
     for i, layer in enumerate(layers):
         if not 0 <= layer < info.num_layers:
             raise SteerError(
-                f"steer.infosteer.layers[{i}]",
+                f"{field}[{i}]",
                 f"layer {layer} out of range; allowed 0..{info.num_layers - 1} for this model",
             )
     return tuple(sorted(set(layers)))
@@ -203,13 +250,78 @@ def resolve_profile(raw: object, profiles: dict[str, dict]) -> tuple[object, str
     return merged, name
 
 
-def normalise(raw: object, info: ModelInfo) -> SteerPlan:
+DEFAULT_HEAD_SET = "default"
+
+
+def check_head_pairs(pairs: object, info: ModelInfo, field: str) -> tuple[tuple[int, int], ...]:
+    """Validate a [[layer, head], ...] list against the model; returns sorted unique pairs."""
+    if not isinstance(pairs, list) or len(pairs) > MAX_HEAD_LIST:
+        raise SteerError(field, f"must be a list of at most {MAX_HEAD_LIST} [layer, head] pairs")
+    out = set()
+    for i, pair in enumerate(pairs):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+            raise SteerError(f"{field}[{i}]", "must be a [layer, head] pair of integers")
+        layer, head = pair
+        if not 0 <= layer < info.num_layers:
+            raise SteerError(f"{field}[{i}]", f"layer {layer} out of range; allowed 0..{info.num_layers - 1}")
+        if not 0 <= head < info.num_heads:
+            raise SteerError(f"{field}[{i}]", f"head {head} out of range; allowed 0..{info.num_heads - 1}")
+        out.add((layer, head))
+    return tuple(sorted(out))
+
+
+def _normalise_context(spec: ContextAttentionSpec, info: ModelInfo, head_sets: dict,
+                       endpoint: str) -> ContextAttentionPlan | None:
+    field = "steer.context_attention"
+    if not info.attention_steerable:
+        raise SteerError(field, f"context-attention steering is unavailable: {info.attention_unsupported_reason}")
+    emphasis = spec.emphasis
+    if endpoint == "completions":
+        if emphasis != "marked":
+            raise SteerError(f"{field}.emphasis", '/v1/completions has no chat roles: set "marked" and wrap the '
+                             "emphasised text in <emphasis> ... </emphasis>")
+    elif emphasis is None:
+        emphasis = "user"
+    layers = _resolve_layers(spec.layers, info, f"{field}.layers")
+    heads = spec.heads
+    head_set = None
+    if heads is None:
+        heads = DEFAULT_HEAD_SET if DEFAULT_HEAD_SET in head_sets else "all"
+    if heads == "all":
+        pairs = tuple((layer, h) for layer in layers for h in range(info.num_heads))
+    elif isinstance(heads, str):
+        if heads not in head_sets:
+            known = ", ".join(sorted(head_sets)) or "none (start the server with --head-set)"
+            raise SteerError(f"{field}.heads", f"unknown head set {heads!r}; known head sets: {known}")
+        head_set = heads
+        pairs = tuple(p for p in head_sets[heads] if p[0] in set(layers))
+    else:
+        pairs = tuple(p for p in check_head_pairs(heads, info, f"{field}.heads") if p[0] in set(layers))
+    if not pairs:
+        raise SteerError(f"{field}.heads", "no (layer, head) left to steer: the heads and layers do not intersect")
+    if spec.alpha == 1.0:
+        return None
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in pairs:
+        by_layer.setdefault(layer, []).append(h)
+    return ContextAttentionPlan(
+        alpha=float(spec.alpha), heads=tuple((layer, tuple(hs)) for layer, hs in sorted(by_layer.items())),
+        emphasis=emphasis, head_set=head_set,
+    )
+
+
+def normalise(raw: object, info: ModelInfo, head_sets: dict | None = None, endpoint: str = "chat") -> SteerPlan:
     """Raw `steer` JSON (profile already resolved) -> the normalised plan (only the steers that do
-    something)."""
+    something). Context-attention spans are resolved later, on the rendered prompt (`spans`).
+    `endpoint`: "chat" or "completions" (which emphasis modes are allowed)."""
     spec = parse_spec(raw)
     if spec.profile is not None:
         raise SteerError("steer.profile", "profiles cannot name other profiles")
     if spec.experiment is not None:
         raise SteerError("steer.experiment", "profiles cannot name experiments")
     infosteer = _normalise_infosteer(spec.infosteer, info) if spec.infosteer is not None else None
-    return SteerPlan(infosteer=infosteer)
+    context = None
+    if spec.context_attention is not None:
+        context = _normalise_context(spec.context_attention, info, head_sets or {}, endpoint)
+    return SteerPlan(infosteer=infosteer, context_attention=context)
