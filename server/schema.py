@@ -275,7 +275,9 @@ def _normalise_context(spec: ContextAttentionSpec, info: ModelInfo, head_sets: d
                        endpoint: str) -> ContextAttentionPlan | None:
     field = "steer.context_attention"
     if not info.attention_steerable:
-        raise SteerError(field, f"context-attention steering is unavailable: {info.attention_unsupported_reason}")
+        reason = info.attention_unsupported_reason or (
+            f"the served model ({info.architecture}) has no steering support; supported: Llama and Qwen2 architectures")
+        raise SteerError(field, f"context-attention steering is unavailable: {reason}")
     emphasis = spec.emphasis
     if endpoint == "completions":
         if emphasis != "marked":
@@ -295,7 +297,7 @@ def _normalise_context(spec: ContextAttentionSpec, info: ModelInfo, head_sets: d
             known = ", ".join(sorted(head_sets)) or "none (start the server with --head-set)"
             raise SteerError(f"{field}.heads", f"unknown head set {heads!r}; known head sets: {known}")
         head_set = heads
-        pairs = tuple(p for p in head_sets[heads] if p[0] in set(layers))
+        pairs = tuple(sorted({tuple(p) for p in head_sets[heads] if p[0] in set(layers)}))
     else:
         pairs = tuple(p for p in check_head_pairs(heads, info, f"{field}.heads") if p[0] in set(layers))
     if not pairs:

@@ -216,6 +216,9 @@ def chat_spans(tokenizer, messages: list, mode: str, add_generation_prompt: bool
     """Offline: (prompt token ids, emphasised token spans) of a chat rendered with the tokenizer's
     own chat template (what the server does, without vLLM). Markers are removed first."""
     stripped = strip_message_markers(messages)
+    # text parts joined with newlines, as vLLM renders them for "string" content-format templates
+    stripped.messages = [{**m, "content": _text_of(m)} if isinstance(m.get("content"), list) else m
+                         for m in stripped.messages]
     real = tokenizer.apply_chat_template(stripped.messages, tokenize=False,
                                          add_generation_prompt=add_generation_prompt, **template_kwargs)
     sentinel = tokenizer.apply_chat_template(sentinel_messages(stripped.messages), tokenize=False,

@@ -24,13 +24,29 @@ PROMPTS = [
 LOGPROB_TOL = 2e-3
 
 
+def with_spans(plan: SteerPlan, spans) -> SteerPlan:
+    """A context-attention plan with emphasised token spans set by hand (the server resolves them
+    from the rendered chat; these raw prompts have no chat roles)."""
+    from dataclasses import replace
+
+    return replace(plan, context_attention=replace(plan.context_attention, spans=tuple(spans)))
+
+
 def plans(info) -> dict[str, SteerPlan]:
-    """One plan per InfoSteer mode, on different layer sets (normalised as the server does)."""
+    """One plan per InfoSteer mode, on different layer sets, and context-attention plans
+    (normalised as the server does)."""
     last = info.num_layers - 1
+    ctx_heads = [[0, 1], [2, 0], [2, 3], [last, 2]]
     return {
         "scale": normalise({"infosteer": {"mode": "scale", "alpha": 2.5, "layers": "all"}}, info),
         "topk": normalise({"infosteer": {"mode": "topk", "alpha": 4.0, "k": 8, "layers": [0, last]}}, info),
         "lift": normalise({"infosteer": {"mode": "lift", "alpha": 3.0, "p": 0.1, "layers": [1, 2]}}, info),
+        "ctx_all": with_spans(normalise({"context_attention": {"alpha": 0.2}}, info), [(1, 6)]),
+        "ctx_heads": with_spans(normalise({"context_attention": {"alpha": 0.4, "heads": ctx_heads}}, info),
+                                [(2, 5), (7, 9)]),
+        "ctx_and_scale": with_spans(normalise({"infosteer": {"alpha": 1.5, "layers": [1]},
+                                               "context_attention": {"alpha": 0.3, "layers": [1, 3]}}, info),
+                                    [(0, 4)]),
     }
 
 
@@ -65,14 +81,15 @@ def check_mixed_batch_bit_identical(llm, info) -> None:
     steered rows differ."""
     p = plans(info)
     plain = run(llm, [(t, None) for t in PROMPTS])
-    mixed_plans = [None, p["scale"], None, p["topk"], p["lift"], None]
-    mixed = run(llm, list(zip(PROMPTS, mixed_plans)))
-    for i, plan in enumerate(mixed_plans):
-        if plan is None:
-            assert mixed[i][0] == plain[i][0], f"row {i} tokens changed by steered neighbours"
-            assert mixed[i][1] == plain[i][1], f"row {i} logprobs changed by steered neighbours"
-        else:
-            assert mixed[i][1] != plain[i][1], f"row {i} ({plan.infosteer.mode}) was not steered"
+    for mixed_plans in ([None, p["scale"], None, p["topk"], p["lift"], None],
+                        [p["ctx_all"], None, p["ctx_heads"], None, p["ctx_and_scale"], None]):
+        mixed = run(llm, list(zip(PROMPTS, mixed_plans)))
+        for i, plan in enumerate(mixed_plans):
+            if plan is None:
+                assert mixed[i][0] == plain[i][0], f"row {i} tokens changed by steered neighbours"
+                assert mixed[i][1] == plain[i][1], f"row {i} logprobs changed by steered neighbours"
+            else:
+                assert mixed[i][1] != plain[i][1], f"row {i} ({plan.applied()}) was not steered"
 
 
 def check_neutral_identity(llm, info) -> None:
@@ -86,11 +103,27 @@ def check_neutral_identity(llm, info) -> None:
     assert [x[:2] for x in plain] == [x[:2] for x in neutral]
 
 
+def check_context_alpha_one_is_close(llm, info) -> None:
+    """Context attention with alpha = 1 (bypassing the server's neutral filter) runs the second
+    pass with a zero bias: it recomputes the kernel's attention in float32 and must agree with it
+    closely (not bit for bit: which is why the server skips alpha = 1 entirely)."""
+    from dataclasses import replace
+
+    plan = plans(info)["ctx_all"]
+    ones = replace(plan, context_attention=replace(plan.context_attention, alpha=1.0))
+    plain = run(llm, [(t, None) for t in PROMPTS[:3]])
+    same = run(llm, [(t, ones) for t in PROMPTS[:3]])
+    for a, b in zip(plain, same):
+        assert a[0] == b[0]
+        assert max(abs(x - y) for x, y in zip(a[1], b[1])) < LOGPROB_TOL
+
+
 def check_reference_parity(llm, hf_model, info, max_tokens: int = 12) -> float:
     """Engine logprobs of steered generations == the Hugging Face hooks reference (teacher forced)
     within LOGPROB_TOL, for each mode, in one mixed batch. Returns the max difference seen."""
     p = plans(info)
-    items = [(PROMPTS[0], p["scale"]), (PROMPTS[1], None), (PROMPTS[2], p["topk"]), (PROMPTS[3], p["lift"])]
+    items = [(PROMPTS[0], p["scale"]), (PROMPTS[1], None), (PROMPTS[2], p["topk"]), (PROMPTS[3], p["lift"]),
+             (PROMPTS[4], p["ctx_all"]), (PROMPTS[5], p["ctx_heads"]), (PROMPTS[0], p["ctx_and_scale"])]
     outs = run(llm, items, max_tokens)
     worst = 0.0
     for (_, plan), (toks, lps, prompt_ids, _) in zip(items, outs):
@@ -103,7 +136,11 @@ def check_reference_parity(llm, hf_model, info, max_tokens: int = 12) -> float:
 
 def check_prefix_cache_salted(llm, info) -> None:
     """A steered request never reuses unsteered KV, and a repeat of it hits its own cache."""
-    p = plans(info)["scale"]
+    for key in ("scale", "ctx_heads"):
+        _check_prefix_cache_salted(llm, info, plans(info)[key])
+
+
+def _check_prefix_cache_salted(llm, info, p) -> None:
     long_prompt = " ".join(PROMPTS * 3)  # more than one full 128-token KV block
     assert llm.reset_prefix_cache()
     cold = run(llm, [(long_prompt, p)], reset_cache=True)[0]

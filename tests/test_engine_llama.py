@@ -7,12 +7,14 @@ from conftest import close_engine, make_engine, model_info
 from engine_checks import (
     LOGPROB_TOL,
     PROMPTS,
+    check_context_alpha_one_is_close,
     check_mixed_batch_bit_identical,
     check_neutral_identity,
     check_prefix_cache_salted,
     check_reference_parity,
     plans,
     run,
+    with_spans,
 )
 
 from steerserve.patches.reference import token_logprobs
@@ -50,6 +52,10 @@ def test_neutral_plan_is_identity(llm, info):
     check_neutral_identity(llm, info)
 
 
+def test_context_attention_alpha_one_recomputes_the_kernel(llm, info):
+    check_context_alpha_one_is_close(llm, info)
+
+
 def test_logprobs_match_hf_reference(llm, hf, info):
     check_reference_parity(llm, hf, info)
 
@@ -61,18 +67,21 @@ def test_prefix_cache_is_salted_by_plan(llm, info):
 def test_chunked_prefill_long_prompt_matches_reference(llm, hf, info):
     """A 150-token prompt is prefilled in 64-token chunks: every chunk is steered."""
     long_prompt = " ".join(PROMPTS) + " " + " ".join(reversed(PROMPTS))
-    plan = plans(info)["lift"]
-    toks, lps, prompt_ids, _ = run(llm, [(long_prompt, plan)], max_tokens=8)[0]
-    assert len(prompt_ids) > 64 * 2
-    ref = token_logprobs(hf, prompt_ids, toks, plan)
-    assert max(abs(a - b) for a, b in zip(lps, ref)) < LOGPROB_TOL
+    p = plans(info)
+    ctx = with_spans(p["ctx_heads"], [(3, 20), (70, 100), (140, 150)])  # spans across chunk borders
+    outs = run(llm, [(long_prompt, p["lift"]), (long_prompt, ctx), (PROMPTS[0], None)], max_tokens=8)
+    for plan, (toks, lps, prompt_ids, _) in zip([p["lift"], ctx], outs):
+        assert len(prompt_ids) > 64 * 2
+        ref = token_logprobs(hf, prompt_ids, toks, plan)
+        assert max(abs(a - b) for a, b in zip(lps, ref)) < LOGPROB_TOL
 
 
 def test_preempted_requests_stay_steered(llm, hf, info):
     """More concurrent work than KV blocks: vLLM preempts and recomputes; steering survives."""
     p = plans(info)
     # ~110-token prompts growing past one 128-token block while decoding
-    items = [(" ".join([PROMPTS[i % len(PROMPTS)]] * 8), p["scale"] if i % 2 else None) for i in range(10)]
+    steer = [None, p["scale"], None, with_spans(p["ctx_heads"], [(5, 40)])]
+    items = [(" ".join([PROMPTS[i % len(PROMPTS)]] * 8), steer[i % 4]) for i in range(10)]
     before = _preemptions(llm)
     outs = run(llm, items, max_tokens=60)
     assert _preemptions(llm) > before, "the burst did not cause a preemption; shrink NUM_BLOCKS"

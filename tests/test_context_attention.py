@@ -1,0 +1,190 @@
+"""Context-attention steering math and the paged-KV readers, on synthetic tensors (no engine)."""
+
+import math
+
+import pytest
+import torch
+
+from steerserve.patches import context_attention as ca
+from steerserve.patches.plan import ContextAttentionPlan
+from steerserve.patches.reference import pasta_bias
+
+
+def _cpu_write(isa: str):
+    from vllm import _custom_ops as ops
+
+    def write(k, v, key_cache, value_cache, slots):
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+
+    return write
+
+
+def _fake_write(perm_k: torch.Tensor, perm_v: torch.Tensor):
+    """A cache write with an arbitrary block-interior permutation (stands in for AMX/NEON layouts)."""
+
+    def write(k, v, key_cache, value_cache, slots):
+        bs, kvh, hd = k.shape
+        for h in range(kvh):
+            kc = key_cache[0, h].reshape(-1)  # views into the scratch cache
+            vc = value_cache[0, h].reshape(-1)
+            assert kc.data_ptr() == key_cache[0, h].data_ptr()
+            kc[perm_k] = k[:, h].reshape(-1)
+            vc[perm_v] = v[:, h].reshape(-1)
+
+    return write
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_calibration_reads_the_cpu_kernel_layout(dtype):
+    """The CPU backend's own cache write, then our gather: the same K/V come back, any dtype."""
+    bs, kvh, hd, nb = 128, 2, 64, 5
+    reader = ca.CpuPagedKV.calibrate(_cpu_write("vec"), kvh, bs, hd, dtype)
+    assert (reader.kind_k, reader.kind_v) == ("transposed", "identity")  # the "vec" ISA path, measured
+    from vllm import _custom_ops as ops
+
+    cache = torch.zeros(nb, kvh, bs, 2 * hd, dtype=dtype)
+    kv = cache.view(nb, kvh, 2 * bs, hd)
+    kc, vc = kv.chunk(2, dim=2)
+    n = 300
+    k = torch.randn(n, kvh, hd).to(dtype)
+    v = torch.randn(n, kvh, hd).to(dtype)
+    blocks = [3, 0, 4]  # a request's block table: logical block i -> physical blocks[i]
+    slots = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)])
+    ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, "vec")
+    gk, gv = reader.gather(cache, torch.tensor([blocks]))
+    assert torch.equal(gk[0, :, :n], k.transpose(0, 1))
+    assert torch.equal(gv[0, :, :n], v.transpose(0, 1))
+
+
+def test_calibration_handles_any_block_interior_permutation():
+    bs, kvh, hd = 32, 3, 32
+    g = torch.Generator().manual_seed(0)
+    perm_k = torch.randperm(bs * hd, generator=g)
+    perm_v = torch.randperm(bs * hd, generator=g)
+    reader = ca.CpuPagedKV.calibrate(_fake_write(perm_k, perm_v), kvh, bs, hd, torch.bfloat16)
+    assert reader.kind_k == reader.kind_v == "permuted"
+    assert torch.equal(reader.perm_k, perm_k) and torch.equal(reader.perm_v, perm_v)
+    k = torch.randn(bs, kvh, hd)
+    v = torch.randn(bs, kvh, hd)
+    cache = torch.zeros(2, kvh, bs, 2 * hd)
+    kv = cache.view(2, kvh, 2 * bs, hd)
+    kc, vc = kv.chunk(2, dim=2)
+    _fake_write(perm_k, perm_v)(k, v, kc[1:], vc[1:], None)
+    gk, gv = reader.gather(cache, torch.tensor([[1]]))
+    assert torch.equal(gk[0], k.transpose(0, 1)) and torch.equal(gv[0], v.transpose(0, 1))
+
+
+def test_calibration_refuses_a_lossy_layout():
+    def lossy(k, v, key_cache, value_cache, slots):
+        key_cache.zero_()
+        value_cache.zero_()
+
+    with pytest.raises(ValueError, match="not a permutation"):
+        ca.CpuPagedKV.calibrate(lossy, 1, 32, 32, torch.float32)
+
+
+def test_flash_layout_reader_on_synthetic_cache():
+    """CUDA FlashAttention layout [num_blocks, kv_heads, block_size, 2*head_dim] (K | V channels),
+    also through a non-contiguous view (the backend may store blocks in another stride order)."""
+    nb, kvh, bs, hd = 6, 2, 16, 8
+    storage = torch.randn(nb, bs, kvh, 2 * hd)  # physically [blocks, tokens, heads, channels]
+    cache = storage.permute(0, 2, 1, 3)  # logical [blocks, heads, tokens, channels]
+    reader = ca.FlashPagedKV(bs, hd)
+    k, v = reader.gather(cache, torch.tensor([[4, 1], [0, 5]]))
+    assert k.shape == (2, kvh, 2 * bs, hd)
+    assert torch.equal(k[0, 1, bs + 3], storage[1, 3, 1, :hd])
+    assert torch.equal(v[1, 0, 2], storage[0, 2, 0, hd:])
+
+
+def test_key_bias_and_reference_bias():
+    plan = ContextAttentionPlan(alpha=0.25, heads=((1, (0, 2)),), emphasis="user", spans=((1, 3), (5, 6)))
+    bias = ca.key_bias(plan, 8)
+    expect = [math.log(0.25), 0, 0, math.log(0.25), math.log(0.25), 0, math.log(0.25), math.log(0.25)]
+    assert torch.allclose(bias, torch.tensor(expect))
+    ref = pasta_bias([None, plan], pads=[0, 2], total_len=10, num_heads=3)
+    assert set(ref) == {1}
+    assert torch.equal(ref[1][0], torch.zeros(3, 1, 10))  # unsteered row
+    assert torch.equal(ref[1][1, 1], torch.zeros(1, 10))  # unsteered head
+    assert torch.allclose(ref[1][1, 0, 0, 2:], bias)  # left padding shifts positions
+
+
+def _dense_reference(q, k, v, bias_row, q_positions, scale, groups):
+    """Plain softmax attention for one request: q [Q, H, D], k/v [KVH, L, D]."""
+    k = k.repeat_interleave(groups, 0)
+    v = v.repeat_interleave(groups, 0)
+    scores = torch.einsum("qhd,hld->hql", q, k) * scale + bias_row
+    causal = torch.arange(k.shape[1])[None, :] <= q_positions[:, None]
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.einsum("hql,hld->qhd", scores.softmax(-1), v)
+
+
+def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monkeypatch):
+    """A step with two decode rows, one chunked prefill and an unsteered row: each steered head's
+    output equals dense biased attention; every other value is left exactly as the kernel wrote it."""
+    monkeypatch.setattr(ca, "PREFILL_CHUNK_ELEMENTS", 64)  # force several query chunks
+    torch.manual_seed(0)
+    bs, kvh, hd, heads, nb = 16, 2, 8, 4, 12
+    ident = torch.arange(bs * hd)
+    reader = ca.CpuPagedKV(bs, hd, ident, ident)
+    cache = torch.randn(nb, kvh, bs, 2 * hd)
+    region = cache.view(nb, kvh, 2, bs * hd)
+    # requests: (seq_len, query rows in this step, block table)
+    reqs = [(37, 1, [5, 2, 9]), (20, 1, [1, 7]), (30, 12, [3, 0]), (15, 1, [11])]
+    starts = [0, 1, 2, 14]
+    n_rows = 15
+    query = torch.randn(n_rows, heads, hd)
+    output = torch.randn(n_rows, heads, hd)
+    before = output.clone()
+    block_table = torch.zeros(4, 3, dtype=torch.int32)
+    for i, (_, _, blocks) in enumerate(reqs):
+        block_table[i, : len(blocks)] = torch.tensor(blocks)
+    seq_lens = torch.tensor([r[0] for r in reqs], dtype=torch.int32)
+    p_all = ContextAttentionPlan(0.2, ((0, (0, 1, 2, 3)), (1, (2,))), "user", ((3, 9), (12, 14)))
+    p_some = ContextAttentionPlan(0.5, ((0, (1, 3)),), "user", ((0, 4),))
+    work = ca.AttentionWork.build([(p_all, 0, 0, 1), (p_some, 1, 1, 2), (p_all, 2, 2, 14)], "cpu")
+    scale = hd**-0.5
+    work.apply_(0, query, output, cache, reader, seq_lens, block_table, scale)
+
+    def dense_kv(i):
+        length, _, blocks = reqs[i]
+        kk = torch.cat([region[b, :, 0].view(kvh, bs, hd) for b in blocks], 1)[:, :length]
+        vv = torch.cat([region[b, :, 1].view(kvh, bs, hd) for b in blocks], 1)[:, :length]
+        return kk, vv
+
+    for i, plan, steered_heads in [(0, p_all, [0, 1, 2, 3]), (1, p_some, [1, 3]), (2, p_all, [0, 1, 2, 3])]:
+        length, q_len, _ = reqs[i]
+        kk, vv = dense_kv(i)
+        rows = slice(starts[i], starts[i] + q_len)
+        positions = torch.arange(length - q_len, length)
+        expect = _dense_reference(query[rows], kk, vv, ca.key_bias(plan, length), positions, scale, heads // kvh)
+        for h in range(heads):
+            if h in steered_heads:
+                torch.testing.assert_close(output[rows, h], expect[:, h], atol=1e-5, rtol=1e-5)
+            else:
+                assert torch.equal(output[rows, h], before[rows, h])
+    assert torch.equal(output[14], before[14])  # the unsteered request
+    # layer 1: only head 2 of the p_all requests
+    out1 = before.clone()
+    work.apply_(1, query, out1, cache, reader, seq_lens, block_table, scale)
+    changed = (out1 != before).any(-1)  # [rows, heads]
+    assert changed[:, 2].tolist() == [True, False] + [True] * 12 + [False]
+    assert not changed[:, [0, 1, 3]].any()
+    # a layer nobody steers: nothing at all
+    out3 = before.clone()
+    work.apply_(3, query, out3, cache, reader, seq_lens, block_table, scale)
+    assert torch.equal(out3, before)
+
+
+def test_tensor_parallel_head_offset_maps_global_heads_to_local():
+    """Rank 1 of TP=2 holds global heads 2..3 as local 0..1: a plan on global head 3 steers local 1."""
+    torch.manual_seed(1)
+    bs, kvh, hd = 16, 1, 8
+    ident = torch.arange(bs * hd)
+    reader = ca.CpuPagedKV(bs, hd, ident, ident)
+    cache = torch.randn(2, kvh, bs, 2 * hd)
+    plan = ContextAttentionPlan(0.3, ((0, (0, 3)),), "user", ((0, 2),))
+    work = ca.AttentionWork.build([(plan, 0, 0, 1)], "cpu")
+    query = torch.randn(1, 2, hd)
+    output = torch.zeros(1, 2, hd)
+    work.apply_(0, query, output, cache, reader, torch.tensor([9]), torch.tensor([[1]]), 0.3, head_offset=2)
+    assert torch.equal(output[0, 0], torch.zeros(hd)) and output[0, 1].abs().sum() > 0
