@@ -23,9 +23,12 @@ API_KEY = "test-key-123"
 MODEL = "smol"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CONFIG = """
+head_sets:
+  mid: [[12, 0], [12, 4], [14, 2], [16, 8]]
 profiles:
   strong: {infosteer: {alpha: 3.0}}
   middle-lift: {infosteer: {mode: lift, alpha: 2.0, p: 0.02, layers: [10, 11, 12]}}
+  focus: {context_attention: {alpha: 0.3, heads: mid}}
 experiments:
   tone:
     arms:
@@ -232,8 +235,8 @@ def test_chat_cli(server):
 
 def test_profiles_listed_used_and_overridden(server, client):
     listed = httpx.get(f"{server}/v1/steer/profiles", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    assert [p["name"] for p in listed["data"]] == ["middle-lift", "strong"]
-    assert listed["data"][0]["applied"][0]["lifted_per_token"] == 30
+    assert [p["name"] for p in listed["data"]] == ["focus", "middle-lift", "strong"]
+    assert listed["data"][1]["applied"][0]["lifted_per_token"] == 30
     by_profile = chat(client, {"profile": "strong"}, logprobs=True)
     direct = chat(client, {"infosteer": {"alpha": 3.0}}, logprobs=True)
     assert by_profile.model_extra["steer"]["profile"] == "strong"
@@ -244,7 +247,7 @@ def test_profiles_listed_used_and_overridden(server, client):
     assert overridden.model_extra["steer"]["applied"][0]["mode"] == "lift"
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, {"profile": "missing"})
-    assert info.value.body["param"] == "steer.profile" and "middle-lift, strong" in info.value.message
+    assert info.value.body["param"] == "steer.profile" and "focus, middle-lift, strong" in info.value.message
 
 
 def test_ab_compare_side_by_side(server, client):
@@ -301,3 +304,99 @@ def test_experiment_assignment_echo_and_metrics(server, client):
         assert f'steerserve_ab_requests_total{{arm="{arm}",experiment="tone"}} {float(count)}' in text
         assert f'steerserve_ab_request_latency_seconds_count{{arm="{arm}",experiment="tone"}} {float(count)}' in text
         assert f'steerserve_ab_generation_tokens_total{{arm="{arm}",experiment="tone"}}' in text
+
+
+CONTEXT = [
+    {"role": "system", "content": "Answer with one word."},
+    {"role": "user", "content": "Passage: The capital of France is Lyon.\nQuestion: What is the capital of France?"},
+]
+
+
+def test_context_attention_over_http(server, client):
+    """Steered chat: echo names the resolved heads and the emphasised tokens (the user message
+    only), output differs from plain; head sets by name; marked text; streaming; compare."""
+    plain = chat(client, messages=CONTEXT, logprobs=True, max_tokens=12)
+    r = chat(client, {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13]}}, messages=CONTEXT,
+             logprobs=True, max_tokens=12)
+    (echo,) = r.model_extra["steer"]["applied"]
+    assert echo["steer"] == "context_attention" and echo["emphasis"] == "user"
+    assert echo["layers"] == [10, 11, 12, 13] and echo["num_heads"] == 4 * 9
+    tokenizer = _tokenizer()
+    text = tokenizer.apply_chat_template(CONTEXT, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    (span,) = echo["spans"]
+    assert tokenizer.decode(ids[span[0]:span[1]]) == CONTEXT[1]["content"]
+    assert echo["emphasised_tokens"] == span[1] - span[0]
+    assert [t.logprob for t in r.choices[0].logprobs.content] != [t.logprob for t in plain.choices[0].logprobs.content]
+
+    by_set = chat(client, {"context_attention": {"heads": "mid", "alpha": 0.5}}, messages=CONTEXT)
+    applied = by_set.model_extra["steer"]["applied"][0]
+    assert applied["head_set"] == "mid" and applied["heads"] == [[12, [0, 4]], [14, [2]], [16, [8]]]
+    assert chat(client, {"profile": "focus"}, messages=CONTEXT).model_extra["steer"]["applied"][0]["alpha"] == 0.3
+    listed = httpx.get(f"{server}/v1/steer/head_sets", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert listed["data"] == [{"name": "mid", "num_heads": 4, "heads": [[12, 0], [12, 4], [14, 2], [16, 8]]}]
+
+    marked = [CONTEXT[0], {"role": "user", "content": "Passage: <emphasis>The capital of France is Lyon.</emphasis>"
+                                                      "\nQuestion: What is the capital of France?"}]
+    m = chat(client, {"context_attention": {"emphasis": "marked", "alpha": 0.3}}, messages=marked, max_tokens=4)
+    (span,) = m.model_extra["steer"]["applied"][0]["spans"]
+    assert tokenizer.decode(ids[span[0]:span[1]]).strip() == "The capital of France is Lyon."  # markers removed
+
+    chunks = list(chat(client, {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13]}}, messages=CONTEXT,
+                       stream=True, max_tokens=12))
+    assert chunks[0].model_extra["steer"]["applied"][0]["spans"] == echo["spans"]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == r.choices[0].message.content
+
+    done = client.completions.create(
+        model=MODEL, prompt="Fact: <emphasis>the sky is green</emphasis>. The sky is", max_tokens=4, temperature=0,
+        extra_body={"steer": {"context_attention": {"emphasis": "marked", "alpha": 0.2}}})
+    assert done.model_extra["steer"]["applied"][0]["emphasised_tokens"] >= 4
+
+    body = {"model": MODEL, "messages": CONTEXT, "max_tokens": 12, "temperature": 0,
+            "arms": [{"name": "plain", "steer": {}},
+                     {"name": "ctx", "steer": {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13]}}}]}
+    arms = httpx.post(f"{server}/v1/ab/compare", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=120).json()["arms"]
+    assert arms[1]["steer"]["applied"][0]["spans"] == echo["spans"]
+    assert arms[1]["choices"][0]["message"]["content"] == r.choices[0].message.content
+
+
+BAD_CONTEXT = [
+    ({"context_attention": {"alpha": 0}}, CONTEXT, "steer.context_attention.alpha"),
+    ({"context_attention": {"alpha": 1.01}}, CONTEXT, "steer.context_attention.alpha"),
+    ({"context_attention": {"heads": [[12, 9]]}}, CONTEXT, "steer.context_attention.heads[0]"),
+    ({"context_attention": {"heads": "unknown"}}, CONTEXT, "steer.context_attention.heads"),
+    ({"context_attention": {"layers": [30]}}, CONTEXT, "steer.context_attention.layers[0]"),
+    ({"context_attention": {"emphasis": "marked"}}, CONTEXT, "steer.context_attention.emphasis"),
+    ({"context_attention": {"emphasis": "marked"}}, [{"role": "user", "content": "<emphasis>open"}],
+     "messages[0].content"),
+    ({"context_attention": {}}, [{"role": "system", "content": "x"}, {"role": "user", "content": ""}],
+     "steer.context_attention.emphasis"),
+]
+
+
+@pytest.mark.parametrize("steer,messages,field", BAD_CONTEXT)
+def test_bad_context_attention_is_400(server, client, steer, messages, field):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, steer, messages=messages)
+    assert info.value.body["param"] == field, info.value.message
+
+
+def test_bad_context_attention_on_completions_is_400(client):
+    for prompt, steer, field in [("no markers", {"emphasis": "marked"}, "steer.context_attention.emphasis"),
+                                 ("<emphasis>x</emphasis>", {}, "steer.context_attention.emphasis"),
+                                 (["<emphasis>a</emphasis>", "b"], {"emphasis": "marked"}, "prompt")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2,
+                                      extra_body={"steer": {"context_attention": steer}})
+        assert info.value.body["param"] == field, info.value.message
+    assert "Paris" in chat(client).choices[0].message.content  # the engine is unharmed
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from steerserve.server.model_store import ensure_embedded_model
+
+    return AutoTokenizer.from_pretrained(ensure_embedded_model())
