@@ -1,4 +1,4 @@
-"""The `steerserve` command: serve, chat, bench, prepare-model."""
+"""The `steerserve` command: serve, chat, bench, eval-context, heads profile, prepare-model."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def main(argv: list[str] | None = None) -> None:
     p_bench = sub.add_parser("bench", help="throughput benchmark: plain vs steered vs Hugging Face hooks")
     add_bench_args(p_bench)
 
+    from steerserve.clients.context_eval import add_eval_args, add_profile_args
+
+    p_eval = sub.add_parser("eval-context", help="context-following evaluation of context-attention steering")
+    add_eval_args(p_eval)
+    p_heads = sub.add_parser("heads", help="head sets for context-attention steering")
+    heads_sub = p_heads.add_subparsers(dest="heads_command", required=True)
+    add_profile_args(heads_sub.add_parser("profile", help="profile (layer, head) pairs and write a head set"))
+
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
 
     args = parser.parse_args(argv)
@@ -40,6 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         from steerserve.clients.bench import run_bench
 
         run_bench(args)
+    elif args.command == "eval-context":
+        from steerserve.clients.context_eval import evaluate
+
+        evaluate(args)
+    elif args.command == "heads":
+        from steerserve.clients.context_eval import profile_heads
+
+        profile_heads(args)
     elif args.command == "prepare-model":
         from steerserve.server.model_store import ensure_embedded_model
 

@@ -34,23 +34,31 @@ PREFILL_CHUNK_ELEMENTS = 1 << 20
 
 
 class PagedKV:
-    """Reads whole blocks of one layer's paged KV cache as dense K and V."""
+    """Reads whole blocks of one layer's paged KV cache for a few requests and KV heads."""
 
     block_size: int
 
-    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_ids [R, n] -> K, V [R, kv_heads, n * block_size, head_dim] (a copy)."""
+    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, kv_heads: torch.Tensor) -> "Gathered":
+        """block_ids [R, n] (physical blocks of each request, in order), kv_heads [h] (which KV heads)."""
         raise NotImplementedError
 
 
-def _layout_view(region: torch.Tensor, perm: torch.Tensor, kind: str, block_size: int, head_dim: int):
-    """region [..., block_size * head_dim] (one block's K or V interior, as stored) -> [..., bs, hd]."""
-    lead = region.shape[:-1]
-    if kind == "identity":
-        return region.reshape(*lead, block_size, head_dim)
-    if kind == "transposed":
-        return region.reshape(*lead, head_dim, block_size).transpose(-1, -2)
-    return region.index_select(-1, perm).reshape(*lead, block_size, head_dim)
+@dataclass
+class Gathered:
+    """K and V of R requests x h KV heads x n blocks. `v` is [R, h, n*bs, D]; `k` is the same shape,
+    or, when `k_blocks_transposed`, [R, h, n, D, bs] (the CPU "vec" layout stores each block's K
+    as [D, bs]: exactly what q @ K needs, so it is used as stored)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_blocks_transposed: bool = False
+
+    def k_dense(self) -> torch.Tensor:
+        """K as [R, h, n*bs, D] (a copy when stored transposed)."""
+        if not self.k_blocks_transposed:
+            return self.k
+        r, h, n, d, bs = self.k.shape
+        return self.k.transpose(-1, -2).reshape(r, h, n * bs, d)
 
 
 def _classify(perm: torch.Tensor, block_size: int, head_dim: int) -> str:
@@ -129,18 +137,28 @@ class CpuPagedKV(PagedKV):
         perm_v = decode_layout(stored_v, digits, block_size, head_dim)
         return cls(block_size, head_dim, perm_k, perm_v)
 
-    def gather(self, kv_cache, block_ids):
-        nb, kvh, bs, two_d = kv_cache.shape
+    def _half(self, rows, idx, part: int, kind: str, perm, shape) -> tuple[torch.Tensor, bool]:
+        """One half (K: part 0, V: part 1) of the selected (block, head) rows -> [R, h, n*bs, D],
+        or [R, h, n, D, bs] when stored transposed and `part` is K."""
+        r, h, n = shape
+        bs, d = self.block_size, self.head_dim
+        x = rows[:, part].index_select(0, idx)  # [R*h*n, bs*D], contiguous: one memcpy per block
+        if kind == "identity":
+            return x.view(r, h, n * bs, d), False
+        if kind == "transposed":
+            x = x.view(r, h, n, d, bs)
+            return (x, True) if part == 0 else (x.transpose(-1, -2).reshape(r, h, n * bs, d), False)
+        return x.index_select(-1, perm.to(x.device)).view(r, h, n * bs, d), False
+
+    def gather(self, kv_cache, block_ids, kv_heads):
+        nb, kvh, bs, _ = kv_cache.shape
         r, n = block_ids.shape
-        region = kv_cache.view(nb, kvh, 2, bs * self.head_dim)
-        blocks = region.index_select(0, block_ids.reshape(-1))  # [R*n, kvh, 2, bs*hd]
-        blocks = blocks.view(r, n, kvh, 2, bs * self.head_dim)
-        perm_k, perm_v = self.perm_k.to(kv_cache.device), self.perm_v.to(kv_cache.device)
-        k = _layout_view(blocks[:, :, :, 0], perm_k, self.kind_k, bs, self.head_dim)  # [R, n, kvh, bs, hd]
-        v = _layout_view(blocks[:, :, :, 1], perm_v, self.kind_v, bs, self.head_dim)
-        k = k.permute(0, 2, 1, 3, 4).reshape(r, kvh, n * bs, self.head_dim)
-        v = v.permute(0, 2, 1, 3, 4).reshape(r, kvh, n * bs, self.head_dim)
-        return k, v
+        h = kv_heads.numel()
+        rows = kv_cache.view(nb * kvh, 2, bs * self.head_dim)  # (block, head) rows of K | V
+        idx = (block_ids[:, None, :] * kvh + kv_heads[None, :, None]).reshape(-1)  # order (R, h, n)
+        k, k_t = self._half(rows, idx, 0, self.kind_k, self.perm_k, (r, h, n))
+        v, _ = self._half(rows, idx, 1, self.kind_v, self.perm_v, (r, h, n))
+        return Gathered(k, v, k_t)
 
 
 class FlashPagedKV(PagedKV):
@@ -152,12 +170,13 @@ class FlashPagedKV(PagedKV):
     def __init__(self, block_size: int, head_dim: int):
         self.block_size, self.head_dim = block_size, head_dim
 
-    def gather(self, kv_cache, block_ids):
+    def gather(self, kv_cache, block_ids, kv_heads):
         nb, kvh, bs, two_d = kv_cache.shape
         r, n = block_ids.shape
-        blocks = kv_cache.index_select(0, block_ids.reshape(-1))  # [R*n, kvh, bs, 2*hd]
-        blocks = blocks.view(r, n, kvh, bs, two_d).permute(0, 2, 1, 3, 4).reshape(r, kvh, n * bs, two_d)
-        return blocks[..., : self.head_dim], blocks[..., self.head_dim :]
+        blocks = kv_cache.index_select(0, block_ids.reshape(-1)).index_select(1, kv_heads)  # [R*n, h, bs, 2D]
+        h = kv_heads.numel()
+        blocks = blocks.view(r, n, h, bs, two_d).permute(0, 2, 1, 3, 4).reshape(r, h, n * bs, two_d)
+        return Gathered(blocks[..., : self.head_dim], blocks[..., self.head_dim :])
 
 
 # ----------------------------------------------------------------------------- the math
@@ -173,17 +192,30 @@ def key_bias(plan: ContextAttentionPlan, length: int) -> torch.Tensor:
 
 
 def biased_attention(q, k, v, bias, scale: float) -> torch.Tensor:
-    """Float32 attention with an additive mask.
+    """Attention with an additive float32 mask (flash-style SDPA: accumulates in float32).
 
-    q [R, H, Q, D]; k, v [R, KVH, L, D] (H a multiple of KVH); bias broadcastable to [R, H, Q, L]
-    (-inf = masked). Returns [R, H, Q, D] float32."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    q [R, H, Q, D]; k, v [R, KVH, L, D] in the cache dtype (H a multiple of KVH); bias broadcastable
+    to [R, H, Q, L] (-inf = masked). Returns [R, H, Q, D] in the cache dtype."""
     return torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=bias, scale=scale
+        q.to(v.dtype), k, v, attn_mask=bias, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def decode_attention(q: torch.Tensor, kv: Gathered, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per request. q [R, h*g, D] (g query heads per KV head, grouped as vLLM/HF do);
+    bias [R, L] float32 (-inf = padding). Scores and softmax in float32 when K is stored
+    transposed per block (used in place, no copy); else flash-style SDPA. Returns [R, h*g, D]."""
+    r, hq, d = q.shape
+    h = kv.v.shape[1]
+    g = hq // h
+    if not kv.k_blocks_transposed:
+        return biased_attention(q.unsqueeze(2), kv.k, kv.v, bias[:, None, None, :], scale)[:, :, 0]
+    n, bs = kv.k.shape[2], kv.k.shape[4]
+    qq = q.view(r, h, 1, g, d).to(kv.k.dtype)
+    scores = torch.matmul(qq, kv.k)  # [R, h, n, g, bs]: per block, K as stored ([D, bs])
+    scores = scores.permute(0, 1, 3, 2, 4).reshape(r, h, g, n * bs).float()
+    probs = torch.softmax(scores * scale + bias[:, None, None, :], dim=-1)
+    return torch.matmul(probs.to(kv.v.dtype), kv.v).view(r, hq, d)
 
 
 @dataclass
@@ -255,29 +287,52 @@ class AttentionWork:
         for i, local in prefill:
             self._prefill_(i, local, query, output, kv_cache, reader, seq_lens, block_table, scale, bs)
 
+    @staticmethod
+    def _head_plan(locals_: list[list[int]], num_heads: int, num_kv_heads: int, device):
+        """The KV heads the steered query heads read, and the query heads of those KV groups
+        (computed together; only the steered ones are written)."""
+        g = num_heads // num_kv_heads
+        kvs = sorted({h // g for local in locals_ for h in local})
+        qh = [kv * g + j for kv in kvs for j in range(g)]
+        return torch.tensor(kvs, device=device), qh
+
     def _decode_(self, items, query, output, kv_cache, reader, seq_lens, block_table, scale, bs):
         """All single-token rows of this layer in one padded batch."""
         reqs = [self.requests[i] for i, _ in items]
         lengths = [seq_lens[r.batch_index] for r in reqs]
         n_blocks = -(-max(lengths) // bs)
+        device = query.device
         batch_idx = torch.tensor([r.batch_index for r in reqs], device=block_table.device)
         block_ids = block_table.index_select(0, batch_idx)[:, :n_blocks].long()
-        k, v = reader.gather(kv_cache, block_ids)  # [R, kvh, n*bs, hd]
-        width = n_blocks * bs
-        bias = torch.full((len(reqs), width), float("-inf"), device=query.device)
+        num_heads = query.shape[1]
+        kv_idx, qh = self._head_plan([local for _, local in items], num_heads, kv_cache.shape[1], device)
+        kv = reader.gather(kv_cache, block_ids, kv_idx)
+        bias = torch.full((len(reqs), n_blocks * bs), float("-inf"), device=device)
         for row, ((i, _), length) in enumerate(zip(items, lengths)):
             bias[row, :length] = self.bias(i, length)
-        rows = torch.tensor([r.start for r in reqs], device=query.device)
-        q = query.index_select(0, rows).unsqueeze(2)  # [R, H, 1, D]
-        new = biased_attention(q, k, v, bias[:, None, None, :], scale)[:, :, 0].to(output.dtype)
-        num_heads = query.shape[1]
-        if all(len(local) == num_heads for _, local in items):
+        rows = torch.tensor([r.start for r in reqs], device=device)
+        q = query.index_select(0, rows)
+        all_heads = len(qh) == num_heads
+        if not all_heads:
+            qh_t = torch.tensor(qh, device=device)
+            q = q.index_select(1, qh_t)
+        new = decode_attention(q, kv, bias, scale).to(output.dtype)  # [R, len(qh), D]
+        everywhere = all(len(local) == len(qh) for _, local in items)
+        if all_heads and everywhere:
             output.index_copy_(0, rows, new)
             return
-        mask = torch.zeros(len(reqs), num_heads, 1, dtype=torch.bool, device=query.device)
-        for row, (_, local) in enumerate(items):
-            mask[row, local] = True
-        output.index_copy_(0, rows, torch.where(mask, new, output.index_select(0, rows)))
+        old = output.index_select(0, rows)
+        if not everywhere:
+            pos = {h: j for j, h in enumerate(qh)}
+            mask = torch.zeros(len(reqs), len(qh), 1, dtype=torch.bool, device=device)
+            for row, (_, local) in enumerate(items):
+                mask[row, [pos[h] for h in local]] = True
+            new = torch.where(mask, new, old if all_heads else old.index_select(1, qh_t))
+        if all_heads:
+            output.index_copy_(0, rows, new)
+        else:
+            old.index_copy_(1, qh_t, new)
+            output.index_copy_(0, rows, old)
 
     def _prefill_(self, i, local, query, output, kv_cache, reader, seq_lens, block_table, scale, bs):
         """One request's multi-token chunk, causal, chunked over queries to bound memory."""
@@ -285,20 +340,25 @@ class AttentionWork:
         length = seq_lens[r.batch_index]
         q_len = r.end - r.start
         n_blocks = -(-length // bs)
+        device = query.device
         block_ids = block_table[r.batch_index : r.batch_index + 1, :n_blocks].long()
-        k, v = reader.gather(kv_cache, block_ids)
-        k, v = k[:, :, :length], v[:, :, :length]
-        heads = torch.tensor(local, device=query.device)
+        kv_idx, qh = self._head_plan([local], query.shape[1], kv_cache.shape[1], device)
+        kv = reader.gather(kv_cache, block_ids, kv_idx)
+        k, v = kv.k_dense()[:, :, :length], kv.v[:, :, :length]
+        qh_t = torch.tensor(qh, device=device)
+        pos = {h: j for j, h in enumerate(qh)}
+        write = torch.tensor(local, device=device)
+        pick = torch.tensor([pos[h] for h in local], device=device)
         bias = self.bias(i, length)
-        key_pos = torch.arange(length, device=query.device)
+        key_pos = torch.arange(length, device=device)
         step = max(1, PREFILL_CHUNK_ELEMENTS // length)
         first_pos = length - q_len
         for c0 in range(0, q_len, step):
             c1 = min(q_len, c0 + step)
-            q = query[r.start + c0 : r.start + c1].transpose(0, 1).unsqueeze(0)  # [1, H, c, D]
-            q_pos = torch.arange(first_pos + c0, first_pos + c1, device=query.device)
+            q = query[r.start + c0 : r.start + c1].index_select(1, qh_t).transpose(0, 1).unsqueeze(0)  # [1, h, c, D]
+            q_pos = torch.arange(first_pos + c0, first_pos + c1, device=device)
             causal = key_pos[None, :] <= q_pos[:, None]
-            mask = torch.where(causal, bias[None, :], torch.tensor(float("-inf"), device=query.device))
-            new = biased_attention(q, k, v, mask[None, None], scale)[0].transpose(0, 1)  # [c, H, D]
+            mask = torch.where(causal, bias[None, :], torch.tensor(float("-inf"), device=device))
+            new = biased_attention(q, k, v, mask[None, None], scale)[0].transpose(0, 1)  # [c, h, D]
             block = output[r.start + c0 : r.start + c1]
-            block.index_copy_(1, heads, new.index_select(1, heads).to(output.dtype))
+            block.index_copy_(1, write, new.index_select(1, pick).to(output.dtype))

@@ -51,9 +51,12 @@ def test_calibration_reads_the_cpu_kernel_layout(dtype):
     blocks = [3, 0, 4]  # a request's block table: logical block i -> physical blocks[i]
     slots = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n)])
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, "vec")
-    gk, gv = reader.gather(cache, torch.tensor([blocks]))
-    assert torch.equal(gk[0, :, :n], k.transpose(0, 1))
-    assert torch.equal(gv[0, :, :n], v.transpose(0, 1))
+    got = reader.gather(cache, torch.tensor([blocks]), torch.arange(kvh))
+    assert got.k_blocks_transposed  # used as stored by the decode path
+    assert torch.equal(got.k_dense()[0, :, :n], k.transpose(0, 1))
+    assert torch.equal(got.v[0, :, :n], v.transpose(0, 1))
+    one = reader.gather(cache, torch.tensor([blocks]), torch.tensor([1]))  # a KV-head subset
+    assert torch.equal(one.k_dense()[0, 0, :n], k[:, 1]) and torch.equal(one.v[0, 0, :n], v[:, 1])
 
 
 def test_calibration_handles_any_block_interior_permutation():
@@ -70,8 +73,8 @@ def test_calibration_handles_any_block_interior_permutation():
     kv = cache.view(2, kvh, 2 * bs, hd)
     kc, vc = kv.chunk(2, dim=2)
     _fake_write(perm_k, perm_v)(k, v, kc[1:], vc[1:], None)
-    gk, gv = reader.gather(cache, torch.tensor([[1]]))
-    assert torch.equal(gk[0], k.transpose(0, 1)) and torch.equal(gv[0], v.transpose(0, 1))
+    got = reader.gather(cache, torch.tensor([[1]]), torch.arange(kvh))
+    assert torch.equal(got.k_dense()[0], k.transpose(0, 1)) and torch.equal(got.v[0], v.transpose(0, 1))
 
 
 def test_calibration_refuses_a_lossy_layout():
@@ -90,10 +93,12 @@ def test_flash_layout_reader_on_synthetic_cache():
     storage = torch.randn(nb, bs, kvh, 2 * hd)  # physically [blocks, tokens, heads, channels]
     cache = storage.permute(0, 2, 1, 3)  # logical [blocks, heads, tokens, channels]
     reader = ca.FlashPagedKV(bs, hd)
-    k, v = reader.gather(cache, torch.tensor([[4, 1], [0, 5]]))
-    assert k.shape == (2, kvh, 2 * bs, hd)
-    assert torch.equal(k[0, 1, bs + 3], storage[1, 3, 1, :hd])
-    assert torch.equal(v[1, 0, 2], storage[0, 2, 0, hd:])
+    got = reader.gather(cache, torch.tensor([[4, 1], [0, 5]]), torch.arange(kvh))
+    assert got.k.shape == (2, kvh, 2 * bs, hd) and not got.k_blocks_transposed
+    assert torch.equal(got.k[0, 1, bs + 3], storage[1, 3, 1, :hd])
+    assert torch.equal(got.v[1, 0, 2], storage[0, 2, 0, hd:])
+    sub = reader.gather(cache, torch.tensor([[4, 1]]), torch.tensor([1]))
+    assert torch.equal(sub.k[0, 0, bs + 3], storage[1, 3, 1, :hd])
 
 
 def test_key_bias_and_reference_bias():
@@ -118,14 +123,18 @@ def _dense_reference(q, k, v, bias_row, q_positions, scale, groups):
     return torch.einsum("hql,hld->qhd", scores.softmax(-1), v)
 
 
-def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monkeypatch):
+@pytest.mark.parametrize("k_layout", ["identity", "transposed"])
+def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monkeypatch, k_layout):
     """A step with two decode rows, one chunked prefill and an unsteered row: each steered head's
-    output equals dense biased attention; every other value is left exactly as the kernel wrote it."""
+    output equals dense biased attention; every other value is left exactly as the kernel wrote it.
+    Both K layouts: as-is, and stored transposed per block (the CPU "vec" path, used in place)."""
     monkeypatch.setattr(ca, "PREFILL_CHUNK_ELEMENTS", 64)  # force several query chunks
     torch.manual_seed(0)
     bs, kvh, hd, heads, nb = 16, 2, 8, 4, 12
     ident = torch.arange(bs * hd)
-    reader = ca.CpuPagedKV(bs, hd, ident, ident)
+    perm_k = ident if k_layout == "identity" else ident.view(hd, bs).t().reshape(-1)
+    reader = ca.CpuPagedKV(bs, hd, perm_k, ident)
+    assert reader.kind_k == k_layout
     cache = torch.randn(nb, kvh, bs, 2 * hd)
     region = cache.view(nb, kvh, 2, bs * hd)
     # requests: (seq_len, query rows in this step, block table)
@@ -147,7 +156,10 @@ def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monk
 
     def dense_kv(i):
         length, _, blocks = reqs[i]
-        kk = torch.cat([region[b, :, 0].view(kvh, bs, hd) for b in blocks], 1)[:, :length]
+        if k_layout == "identity":
+            kk = torch.cat([region[b, :, 0].view(kvh, bs, hd) for b in blocks], 1)[:, :length]
+        else:
+            kk = torch.cat([region[b, :, 0].view(kvh, hd, bs).transpose(1, 2) for b in blocks], 1)[:, :length]
         vv = torch.cat([region[b, :, 1].view(kvh, bs, hd) for b in blocks], 1)[:, :length]
         return kk, vv
 
