@@ -81,8 +81,9 @@ class Engine:
         if steer:
             plan = normalise(steer, self.info, self.head_sets)
             if plan.context_attention is not None:
-                plan = replace(plan, context_attention=replace(
-                    plan.context_attention, spans=spans, prompt_len=len(prompt["prompt_token_ids"])))
+                # prompt_len 0: no length check, so an item's forced-decoding requests (the prompt
+                # plus more and more answer tokens) share one plan and one prefix-cache salt
+                plan = replace(plan, context_attention=replace(plan.context_attention, spans=spans, prompt_len=0))
             if not plan.is_empty:
                 extra = {"steer": plan.to_json()}
                 prompt["cache_salt"] = f"steer:{plan.fingerprint()}"
@@ -102,23 +103,29 @@ class Engine:
         return [o.outputs[0].text for o in outs]
 
     def answer_logprobs(self, items, answers: list[str], steer: dict | None) -> list[float]:
-        """Teacher-forced log p(answer as the assistant reply | chat prompt), per item."""
+        """Teacher-forced log p(answer as the assistant reply | chat prompt), per item.
+
+        Forced decoding: one request per answer token, the prompt extended by the answer so far and
+        the next token forced (`allowed_token_ids`); vLLM returns that token's raw log-probability
+        (before the restriction). The requests share their prompt through the prefix cache. (Much
+        cheaper than `prompt_logprobs`, which scores every prompt position over the vocabulary.)"""
         from vllm import SamplingParams
 
-        prompts, params, lengths = [], [], []
-        for item, answer in zip(items, answers):
+        prompts, params, owner = [], [], []
+        for n, (item, answer) in enumerate(zip(items, answers)):
             ids, spans = self.prompt(item)
             answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-            prompt, extra = self._request(ids, spans, steer, answer_ids)
-            prompts.append(prompt)
-            lengths.append(len(answer_ids))
-            params.append(SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra))
+            for k, token in enumerate(answer_ids):
+                prompt, extra = self._request(ids, spans, steer, answer_ids[:k])
+                prompts.append(prompt)
+                params.append(SamplingParams(max_tokens=1, temperature=0.0, logprobs=0,
+                                             allowed_token_ids=[token], extra_args=extra))
+                owner.append(n)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        result = []
-        for o, n in zip(outs, lengths):
-            ids = o.prompt_token_ids
-            lps = o.prompt_logprobs
-            result.append(sum(lps[i][ids[i]].logprob for i in range(len(ids) - n, len(ids))))
+        result = [0.0] * len(items)
+        for n, o in zip(owner, outs):
+            c = o.outputs[0]
+            result[n] += c.logprobs[0][c.token_ids[0]].logprob
         return result
 
 
@@ -126,9 +133,10 @@ class Engine:
 
 
 def _margin(engine: Engine, items, steer: dict | None) -> float:
-    context = engine.answer_logprobs(items, [it.answers[0] for it in items], steer)
-    memory = engine.answer_logprobs(items, [it.memory_answers[0] for it in items], steer)
-    return statistics.fmean(c - m for c, m in zip(context, memory))
+    n = len(items)
+    both = engine.answer_logprobs(list(items) * 2, [it.answers[0] for it in items] +
+                                  [it.memory_answers[0] for it in items], steer)
+    return statistics.fmean(c - m for c, m in zip(both[:n], both[n:]))
 
 
 def profile_heads(args: argparse.Namespace) -> dict:
@@ -272,10 +280,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16, as served)")
-    p.add_argument("--n", type=int, default=48, help="profiling questions (counterfactual SQuAD, default 48)")
+    p.add_argument("--n", type=int, default=32, help="profiling questions (counterfactual SQuAD, default 32)")
     p.add_argument("--alpha", type=float, default=0.3, help="alpha each candidate is steered with (default 0.3)")
-    p.add_argument("--layers-top", type=int, default=8,
-                   help="profile single heads in this many best layers (default 8)")
+    p.add_argument("--layers-top", type=int, default=6,
+                   help="profile single heads in this many best layers (default 6)")
     p.add_argument("--top", type=int, default=16, help="keep at most this many best heads (default 16)")
     p.add_argument("--name", default="context", help="head set name written in the file (default context)")
     p.add_argument("--out", required=True, help="head set file to write (JSON)")
