@@ -28,6 +28,9 @@ from .plan import ContextAttentionPlan
 
 # queries x keys elements of one float32 score matrix per head in a prefill chunk (bounds memory)
 PREFILL_CHUNK_ELEMENTS = 1 << 20
+# requests x padded key length gathered at once for decode rows (bounds the dense K/V copy:
+# 65536 tokens x KV heads x head_dim x 2, e.g. 48 MiB for 3 KV heads of 64 in bfloat16)
+DECODE_CHUNK_TOKENS = 1 << 16
 
 
 # ----------------------------------------------------------------------------- paged KV readers
@@ -283,7 +286,16 @@ class AttentionWork:
             (decode if r.end - r.start == 1 else prefill).append((i, local))
         bs = reader.block_size
         if decode:
-            self._decode_(decode, query, output, kv_cache, reader, seq_lens, block_table, scale, bs)
+            # by length, so padding is small, and in chunks that bound the gathered K/V
+            decode.sort(key=lambda item: seq_lens[self.requests[item[0]].batch_index])
+            chunk: list = []
+            for item in decode:
+                padded = -(-seq_lens[self.requests[item[0]].batch_index] // bs) * bs
+                if chunk and (len(chunk) + 1) * padded > DECODE_CHUNK_TOKENS:
+                    self._decode_(chunk, query, output, kv_cache, reader, seq_lens, block_table, scale, bs)
+                    chunk = []
+                chunk.append(item)
+            self._decode_(chunk, query, output, kv_cache, reader, seq_lens, block_table, scale, bs)
         for i, local in prefill:
             self._prefill_(i, local, query, output, kv_cache, reader, seq_lens, block_table, scale, bs)
 

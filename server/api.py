@@ -24,7 +24,7 @@ from starlette.datastructures import State
 
 from steerserve.patches.plan import EXTRA_ARGS_KEY, SteerPlan
 
-from . import metrics, spans
+from . import feedback, metrics, spans
 from .experiments import UNIT_HEADER, resolve_experiment
 from .profiles import load_for_server
 from .schema import SteerError, normalise, resolve_profile
@@ -80,6 +80,7 @@ class Applied:
     profile: str | None = None
     experiment: tuple[str, str] | None = None  # (experiment, arm)
     spans: SpanJob | None = None
+    unit: str | None = None  # the experiment unit key
 
     @property
     def effective_plan(self) -> SteerPlan:
@@ -145,7 +146,7 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
         # steered request never reuses KV computed under another plan (and repeats reuse theirs).
         salt = f"steer:{plan.fingerprint()}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-    return Applied(plan, profile, experiment, job)
+    return Applied(plan, profile, experiment, job, unit if experiment else None)
 
 
 def _error(field: str, message: str):
@@ -264,7 +265,10 @@ async def _steered(endpoint: str, stock_handler, request, raw_request: Request):
         response = with_echo(await stock_handler(request, raw_request), applied)
     finally:
         _pending.pop(id(request), None)  # vLLM refused the request before rendering it
-    return metrics.track_experiment(response, applied.experiment if applied else None, started)
+    experiment = applied.experiment if applied else None
+    response = feedback.record(response, raw_request.app.state.steerserve_feedback, experiment,
+                               applied.unit if applied else None)
+    return metrics.track_experiment(response, experiment, started)
 
 
 router = APIRouter()
@@ -310,6 +314,15 @@ async def list_head_sets(raw_request: Request):
     ]}
 
 
+def feedback_db_path():
+    """$STEERSERVE_FEEDBACK_DB (set by `steerserve serve --feedback-db`), else under $STEERSERVE_HOME."""
+    import os
+
+    from .model_store import cache_root
+
+    return os.environ.get(feedback.FEEDBACK_DB_ENV) or str(cache_root() / "ab-feedback.sqlite3")
+
+
 class SteerEndpointPlugin:
     """vLLM endpoint plugin: replaces the generation routes, records the served model's shape."""
 
@@ -321,12 +334,14 @@ class SteerEndpointPlugin:
 
         app.include_router(router)
         app.include_router(compare_router)
+        app.include_router(feedback.router)
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         if engine_client is None:
             raise RuntimeError("steerserve needs an engine; the render-only server is not supported")
         state.steerserve_model_info = model_info_from_engine(engine_client)
         state.steerserve_config = load_for_server(state.steerserve_model_info)
+        state.steerserve_feedback = feedback.FeedbackStore(feedback_db_path())
         logger.info("steerserve: serving %s with %d steering profile(s), %d experiment(s)",
                     state.steerserve_model_info, len(state.steerserve_config.profiles),
                     len(state.steerserve_config.experiments))

@@ -56,6 +56,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "`steerserve heads profile`; NAME defaults to the file's name). A set named `default` "
                         "is used by requests that give no `heads`; serving the embedded model loads its "
                         "profiled set as `default` unless one is given")
+    p.add_argument("--feedback-db", default=None, metavar="FILE",
+                   help="SQLite file for A/B experiment responses and feedback (default "
+                        "$STEERSERVE_HOME/ab-feedback.sqlite3, i.e. ~/.cache/steerserve/ab-feedback.sqlite3)")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="pass one more argument to vLLM's server verbatim (repeatable), "
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
@@ -150,6 +153,10 @@ def serve(args: argparse.Namespace) -> None:
     if sets:
         print(f"[steerserve] head sets: " + ", ".join(f"{k} ({len(v)} heads)" for k, v in sets.items()),
               file=sys.stderr)
+    if args.feedback_db:
+        from steerserve.server.feedback import FEEDBACK_DB_ENV
+
+        os.environ[FEEDBACK_DB_ENV] = str(Path(args.feedback_db).expanduser().resolve())
     enable_plugins()
     argv = vllm_argv(args, model)
     print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",

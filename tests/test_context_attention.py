@@ -200,3 +200,33 @@ def test_tensor_parallel_head_offset_maps_global_heads_to_local():
     output = torch.zeros(1, 2, hd)
     work.apply_(0, query, output, cache, reader, torch.tensor([9]), torch.tensor([[1]]), 0.3, head_offset=2)
     assert torch.equal(output[0, 0], torch.zeros(hd)) and output[0, 1].abs().sum() > 0
+
+
+def test_decode_rows_are_chunked_by_gathered_tokens(monkeypatch):
+    """Many long decode rows are split into chunks (bounded K/V copies); results equal one chunk."""
+    torch.manual_seed(2)
+    bs, kvh, hd, heads = 16, 1, 8, 2
+    ident = torch.arange(bs * hd)
+    reader = ca.CpuPagedKV(bs, hd, ident, ident)
+    cache = torch.randn(40, kvh, bs, 2 * hd)
+    lengths = [50, 17, 33, 64, 5, 40]
+    block_table = torch.arange(40, dtype=torch.int32)[: 6 * 4].view(6, 4)
+    plan = ContextAttentionPlan(0.3, ((0, (0, 1)),), "user", ((1, 3),))
+    entries = [(plan, i, i, i + 1) for i in range(6)]
+    query = torch.randn(6, heads, hd)
+    calls = []
+    original = ca.AttentionWork._decode_
+
+    def spy(self, items, *args):
+        calls.append(len(items))
+        return original(self, items, *args)
+
+    one = torch.zeros(6, heads, hd)
+    ca.AttentionWork.build(entries, "cpu").apply_(0, query, one, cache, reader, torch.tensor(lengths), block_table, 0.3)
+    monkeypatch.setattr(ca, "DECODE_CHUNK_TOKENS", 64)
+    monkeypatch.setattr(ca.AttentionWork, "_decode_", spy)
+    chunked = torch.zeros(6, heads, hd)
+    ca.AttentionWork.build(entries, "cpu").apply_(0, query, chunked, cache, reader, torch.tensor(lengths),
+                                                  block_table, 0.3)
+    assert len(calls) > 1 and sum(calls) == 6
+    torch.testing.assert_close(chunked, one)

@@ -51,7 +51,7 @@ def server(tmp_path_factory):
     config = folder / "steerserve.yaml"
     config.write_text(CONFIG)
     cmd = [sys.executable, "-m", "steerserve.clients.cli", "serve", "--port", str(port), "--api-key", API_KEY,
-           "--config", str(config),
+           "--config", str(config), "--feedback-db", str(folder / "ab.sqlite3"),
            "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1",
            # float32: greedy answers do not move with batch composition, so the mixed-batch test can
            # compare texts exactly (and "Paris" beats a near-tie that bfloat16 flips to "L'...")
@@ -400,3 +400,46 @@ def _tokenizer():
     from steerserve.server.model_store import ensure_embedded_model
 
     return AutoTokenizer.from_pretrained(ensure_embedded_model())
+
+
+def test_ab_feedback_and_summary(server, client):
+    """Experiment responses take feedback (score or thumbs), summarised per arm with intervals;
+    other responses and bad bodies are refused naming the field."""
+    from steerserve.server.experiments import Experiment, ExperimentArm
+
+    local = Experiment("tone", (ExperimentArm("control", None, 1.0), ExperimentArm("strong", "strong", 1.0)))
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    ids = {}
+    for unit in ["fb-a", "fb-b", "fb-c", "fb-d", "fb-e", "fb-f"]:
+        r = chat(client, {"experiment": "tone"}, user=unit, max_tokens=4)
+        ids[r.id] = local.assign(unit).name
+    stream = chat(client, {"experiment": "tone"}, user="fb-g", stream=True, max_tokens=4)
+    streamed_id = next(iter(stream)).id
+    list(stream)
+    ids[streamed_id] = local.assign("fb-g").name
+    before = httpx.get(f"{server}/v1/ab/experiments/tone", headers=headers).json()
+    for n, rid in enumerate(ids):
+        body = {"response_id": rid, "score": n / 10} if n % 2 else {"response_id": rid, "thumbs": "up"}
+        r = httpx.post(f"{server}/v1/ab/feedback", json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["arm"] == ids[rid]
+    after = {a["arm"]: a for a in httpx.get(f"{server}/v1/ab/experiments/tone", headers=headers).json()["arms"]}
+    for arm in ("control", "strong"):
+        mine = [rid for rid, a in ids.items() if a == arm]
+        old = next(a for a in before["arms"] if a["arm"] == arm)
+        assert after[arm]["responses"] >= len(mine) and after[arm]["feedback"] - old["feedback"] == len(mine)
+        assert after[arm]["profile"] == (None if arm == "control" else "strong")
+    plain = chat(client, max_tokens=2)
+    for body, status, param in [
+        ({"response_id": plain.id, "score": 1}, 404, "response_id"),
+        ({"response_id": next(iter(ids)), "thumbs": "sideways"}, 400, "thumbs"),
+        ({"response_id": next(iter(ids)), "score": 1, "thumbs": "up"}, 400, "score"),
+        ({"response_id": next(iter(ids))}, 400, "score"),
+        ({"response_id": next(iter(ids)), "score": 1e9}, 400, "score"),
+        ({"score": 1}, 400, "response_id"),
+    ]:
+        r = httpx.post(f"{server}/v1/ab/feedback", json=body, headers=headers)
+        assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    r = httpx.get(f"{server}/v1/ab/experiments/missing", headers=headers)
+    assert r.status_code == 404 and "tone" in r.json()["error"]["message"]
+    assert httpx.post(f"{server}/v1/ab/feedback", json={"response_id": "x", "score": 1}).status_code == 401
