@@ -5,16 +5,18 @@ name a profile; {} is the unsteered arm). All arms are submitted together, so th
 them. Response: {"object": "ab.compare", "arms": [{"name", "steer", "choices", "usage",
 "latency_ms", "diverges_at"}]}, where `diverges_at` is the index of the first generated token of
 choice 0 that differs from the first arm's choice 0 (null if none, and for the first arm).
+With `"stream": true` the arms stream side by side as interleaved SSE events (`_stream_arms`).
 Runs in the API server process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steerserve.patches.vllm_adapter import http_surface
@@ -73,15 +75,18 @@ async def compare(raw_request: Request):
     arms = _parse_arms(body.pop("arms", None))
     if isinstance(arms, JSONResponse):
         return arms
-    if body.get("stream"):
-        return bad_request("stream", "streaming comparisons are not available yet; send stream: false")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        return bad_request("stream", "must be true or false")
     if STEER_FIELD in body:
         return bad_request(STEER_FIELD, "put steering in each arm's `steer`, not at the top level")
     requests, applied = [], []
     for i, arm in enumerate(arms):
         try:
-            request = _vllm.ChatCompletionRequest.model_validate(
-                {**body, STEER_FIELD: arm.steer, "return_token_ids": True})
+            fields = {**body, STEER_FIELD: arm.steer, "return_token_ids": True}
+            if stream:
+                fields["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            request = _vllm.ChatCompletionRequest.model_validate(fields)
         except ValidationError as err:
             return _validation_400(err)
         arm_applied, error = take_plan(request, raw_request, field_prefix=f"arms[{i}].")
@@ -90,6 +95,9 @@ async def compare(raw_request: Request):
         requests.append(request)
         applied.append(arm_applied)
     handler = _vllm.serving_chat(raw_request)
+    if stream:
+        return StreamingResponse(_stream_arms(handler, arms, requests, applied, raw_request),
+                                 media_type="text/event-stream")
 
     async def run(request):
         t0 = time.perf_counter()
@@ -122,3 +130,88 @@ async def compare(raw_request: Request):
             "diverges_at": diverge,
         })
     return {"object": "ab.compare", "model": body.get("model"), "arms": out}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _stream_arms(handler, arms, requests, applied, raw_request):
+    """Run every arm as a vLLM stream, concurrently (one batch), and interleave their chunks.
+
+    Events (SSE, `data: {...}`):
+    - {"object": "ab.compare.chunk", "arm": name, "arm_index": i, "choices": [...]} for each vLLM
+      chunk (choices carry `delta` and `token_ids`); an arm's first chunk also has its `steer` echo;
+    - {"object": "ab.compare.arm_done", "arm", "arm_index", "usage", "latency_ms"} when an arm ends;
+    - {"object": "ab.compare.error", "arm", "arm_index", "error"} if an arm fails;
+    - {"object": "ab.compare.summary", "arms": [{"name", "latency_ms", "usage", "diverges_at",
+      "text"}]} once all arms ended; then `data: [DONE]`.
+    A client that disconnects cancels every arm (vLLM aborts their requests)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    started = time.perf_counter()
+
+    async def pump(i: int, request) -> None:
+        try:
+            result = await handler.create_chat_completion(request, raw_request)
+            if not hasattr(result, "__aiter__"):  # an ErrorResponse
+                await queue.put((i, "error", result.model_dump()["error"]))
+                return
+            async for chunk in result:
+                await queue.put((i, "chunk", chunk))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported to the client as the arm's error
+            await queue.put((i, "error", {"message": str(err), "type": type(err).__name__, "code": 500}))
+        finally:
+            await queue.put((i, "end", (time.perf_counter() - started) * 1000))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    tokens: list[list[int]] = [[] for _ in arms]
+    texts: list[list[str]] = [[] for _ in arms]
+    usage: list[dict | None] = [None] * len(arms)
+    latency: list[float | None] = [None] * len(arms)
+    echoed = [False] * len(arms)
+    open_arms = len(arms)
+    try:
+        while open_arms:
+            i, kind, item = await queue.get()
+            name = arms[i].name
+            if kind == "end":
+                latency[i] = round(item, 1)
+                open_arms -= 1
+                yield _sse({"object": "ab.compare.arm_done", "arm": name, "arm_index": i,
+                            "usage": usage[i], "latency_ms": latency[i]})
+                continue
+            if kind == "error":
+                yield _sse({"object": "ab.compare.error", "arm": name, "arm_index": i, "error": item})
+                continue
+            text = item.decode() if isinstance(item, bytes) else item
+            for event in text.split("\n\n"):
+                if not event.startswith("data: {"):
+                    continue
+                payload = json.loads(event[len("data: "):])
+                if payload.get("usage"):
+                    usage[i] = payload["usage"]
+                choices = payload.get("choices") or []
+                for choice in choices:
+                    if choice.get("index", 0) == 0:
+                        tokens[i] += choice.get("token_ids") or []
+                        texts[i].append((choice.get("delta") or {}).get("content") or "")
+                if not choices:
+                    continue
+                out = {"object": "ab.compare.chunk", "arm": name, "arm_index": i, "choices": choices}
+                if not echoed[i]:
+                    out["steer"] = applied[i].echo() if applied[i] else None
+                    echoed[i] = True
+                yield _sse(out)
+        summary = []
+        for i, arm in enumerate(arms):
+            summary.append({"name": arm.name, "latency_ms": latency[i], "usage": usage[i], "text": "".join(texts[i]),
+                            "diverges_at": None if i == 0 else diverges_at(tokens[0], tokens[i])})
+        yield _sse({"object": "ab.compare.summary", "arms": summary})
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for r in requests:
+            _pending.pop(id(r), None)

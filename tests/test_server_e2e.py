@@ -270,7 +270,7 @@ def test_ab_compare_side_by_side(server, client):
     r = httpx.post(f"{server}/v1/ab/compare", json=bad, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "arms[1].steer.infosteer.alpha"
     for broken, param in [(dict(body, arms=[]), "arms"), (dict(body, arms=[{"name": "a"}, {"name": "a"}]), "arms"),
-                          (dict(body, stream=True), "stream"), (dict(body, steer={}), "steer"),
+                          (dict(body, stream="yes"), "stream"), (dict(body, steer={}), "steer"),
                           ({k: v for k, v in body.items() if k != "messages"}, "messages")]:
         r = httpx.post(f"{server}/v1/ab/compare", json=broken, headers=headers)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -443,3 +443,36 @@ def test_ab_feedback_and_summary(server, client):
     r = httpx.get(f"{server}/v1/ab/experiments/missing", headers=headers)
     assert r.status_code == 404 and "tone" in r.json()["error"]["message"]
     assert httpx.post(f"{server}/v1/ab/feedback", json={"response_id": "x", "score": 1}).status_code == 401
+
+
+def test_ab_compare_streaming(server):
+    """The streaming variant interleaves both arms' chunks and ends with a summary equal to the
+    non-streaming comparison."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0,
+            "arms": [{"name": "plain", "steer": {}}, {"name": "strong", "steer": {"profile": "strong"}}]}
+    whole = httpx.post(f"{server}/v1/ab/compare", json=body, headers=headers, timeout=120).json()["arms"]
+    events = []
+    with httpx.stream("POST", f"{server}/v1/ab/compare", json=dict(body, stream=True), headers=headers,
+                      timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+    assert events[-1] == "[DONE]"
+    import json
+
+    parsed = [json.loads(e) for e in events[:-1]]
+    chunks = [e for e in parsed if e["object"] == "ab.compare.chunk"]
+    assert {c["arm"] for c in chunks} == {"plain", "strong"}
+    firsts = {}
+    for c in chunks:
+        firsts.setdefault(c["arm"], c)
+    assert firsts["strong"]["steer"]["profile"] == "strong" and firsts["plain"]["steer"]["applied"] == []
+    done = [e for e in parsed if e["object"] == "ab.compare.arm_done"]
+    assert [d["usage"]["completion_tokens"] for d in sorted(done, key=lambda d: d["arm_index"])] == [
+        a["usage"]["completion_tokens"] for a in whole]
+    (summary,) = [e for e in parsed if e["object"] == "ab.compare.summary"]
+    for arm, streamed in zip(whole, summary["arms"]):
+        assert streamed["text"] == arm["choices"][0]["message"]["content"]
+        assert streamed["diverges_at"] == arm["diverges_at"]
