@@ -59,6 +59,20 @@ setup() {
   "$VENV/bin/steerserve" prepare-model >/dev/null
 }
 
+# The playground's browser test drives Debian's Chromium with chromedriver: install them for the
+# tests when missing (needs root and the Debian registry; without them that one test skips).
+ensure_browser() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then return; fi
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "chromium/chromedriver missing and not root: the playground browser test will skip"; return
+  fi
+  log "installing Debian chromium and chromium-driver (playground browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+    || log "could not install chromium: the playground browser test will skip"
+}
+
 cmd="${1:-serve}"
 shift || true
 case "$cmd" in
@@ -67,6 +81,7 @@ case "$cmd" in
   bench) setup; exec "$VENV/bin/steerserve" bench "$@" ;;
   test)
     setup
+    ensure_browser
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" tests ;;
   *) echo "usage: ./run.sh {serve|test|setup|bench} [args]" >&2; exit 2 ;;
 esac

@@ -305,6 +305,22 @@ async def list_profiles(raw_request: Request):
     return {"object": "list", "data": data}
 
 
+_PLAYGROUND = None
+
+
+@router.get("/playground", include_in_schema=False)
+async def playground():
+    """The side-by-side playground page (static; its API calls carry the key typed into it)."""
+    global _PLAYGROUND
+    if _PLAYGROUND is None:
+        from pathlib import Path
+
+        _PLAYGROUND = (Path(__file__).parent / "data" / "playground.html").read_text()
+    from fastapi.responses import HTMLResponse
+
+    return HTMLResponse(_PLAYGROUND)
+
+
 @router.get("/v1/steer/head_sets")
 async def list_head_sets(raw_request: Request):
     """The head sets loaded for context-attention steering (`--head-set`, config `head_sets`)."""

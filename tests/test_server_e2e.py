@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+from pathlib import Path
 import signal
 import socket
 import subprocess
@@ -476,3 +477,69 @@ def test_ab_compare_streaming(server):
     for arm, streamed in zip(whole, summary["arms"]):
         assert streamed["text"] == arm["choices"][0]["message"]["content"]
         assert streamed["diverges_at"] == arm["diverges_at"]
+
+
+ARTIFACTS = Path(os.environ.get("STEERSERVE_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Debian Chromium driven by Selenium (installed by `./run.sh test`)."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Debian chromium and chromium-driver are not installed (./run.sh test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(driver), options=opts)
+    yield drv
+    drv.quit()
+
+
+def test_playground_in_a_real_browser(server, browser):
+    """The page asks for the key (auth honoured), then streams two arms side by side, shows the
+    steering echo and the divergence point."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    wait = WebDriverWait(browser, 120)
+    browser.get(f"{server}/playground")
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "enter the API key")
+    browser.save_screenshot(str(ARTIFACTS / "playground-1-needs-key.png"))
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys(API_KEY)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "ready")
+    assert Select(browser.find_element(By.ID, "model")).first_selected_option.text == MODEL
+    max_tokens = browser.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("16")
+    second = browser.find_elements(By.CSS_SELECTOR, ".arm-config")[1]
+    Select(second.find_element(By.CSS_SELECTOR, ".profile")).select_by_visible_text("strong")
+    browser.find_element(By.ID, "run").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "done")
+    browser.save_screenshot(str(ARTIFACTS / "playground-2-side-by-side.png"))
+    panels = browser.find_elements(By.CSS_SELECTOR, ".arm-out")
+    assert [p.find_element(By.CSS_SELECTOR, ".name").text for p in panels] == ["plain", "steered"]
+    texts = [p.find_element(By.CSS_SELECTOR, ".text").text for p in panels]
+    metas = [p.find_element(By.CSS_SELECTOR, ".meta").text for p in panels]
+    assert all(texts) and '"profile": "strong"' in metas[1].replace('":"', '": "') and "reference arm" in metas[0]
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0,
+            "arms": [{"name": "plain", "steer": {}}, {"name": "steered", "steer": {"profile": "strong"}}]}
+    whole = httpx.post(f"{server}/v1/ab/compare", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                       timeout=120).json()["arms"]
+    assert [t.strip() for t in texts] == [a["choices"][0]["message"]["content"].strip() for a in whole]
+    diverges = whole[1]["diverges_at"]
+    assert panels[1].get_attribute("data-diverges-at") == ("" if diverges is None else str(diverges))
+    if diverges is not None:
+        assert f"diverges from the first arm at token {diverges}" in metas[1]
+        assert panels[1].find_elements(By.CSS_SELECTOR, ".text .diverged")
