@@ -1,4 +1,4 @@
-"""The `steerserve` command: serve, chat, bench, eval-context, heads profile, prepare-model."""
+"""The `steerserve` command: serve, chat, bench, eval-context, heads profile, ab-eval, prepare-model."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     heads_sub = p_heads.add_subparsers(dest="heads_command", required=True)
     add_profile_args(heads_sub.add_parser("profile", help="profile (layer, head) pairs and write a head set"))
 
+    from steerserve.clients.ab_eval import add_ab_eval_args
+
+    p_ab = sub.add_parser("ab-eval", help="offline A/B evaluation of steering arms against a running server")
+    add_ab_eval_args(p_ab)
+
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
 
     args = parser.parse_args(argv)
@@ -56,6 +61,13 @@ def main(argv: list[str] | None = None) -> None:
         from steerserve.clients.context_eval import profile_heads
 
         profile_heads(args)
+    elif args.command == "ab-eval":
+        import os
+
+        from steerserve.clients.ab_eval import run_ab_eval
+
+        args.api_key = args.api_key or os.environ.get("STEERSERVE_API_KEY")
+        run_ab_eval(args)
     elif args.command == "prepare-model":
         from steerserve.server.model_store import ensure_embedded_model
 

