@@ -14,6 +14,13 @@ upgrade moves or renames it. Surfaces:
    the stock route handlers of /v1/chat/completions and /v1/completions (called, not copied),
    `validate_json_request`, `ErrorResponse`, and `EngineClient.vllm_config`; and the launcher
    `run_openai_server` drives (vLLM's own argument parser and `run_server`, as `vllm serve` does).
+5. Attention (context-attention steering): vLLM's `Attention` layers and their `impl` (the CPU and
+   FlashAttention impls, subclassed in place), `forward`'s arguments, the metadata's `seq_lens` /
+   `block_table`, the paged KV cache layouts, and the CPU cache-write op used to calibrate the
+   CPU layout (`paged_kv_reader`).
+6. Prompt rendering (span resolution): the serving objects' `render_chat_request` /
+   `render_completion_request` (wrapped per instance, `intercept_renders`), the online renderer's
+   `render_chat`, and the engine input's `prompt` / `prompt_token_ids`.
 
 Runs in every process that loads the plugin; the wrapper only does work in the worker.
 """

@@ -125,3 +125,73 @@ def test_engine_client_config_fields():
     from vllm.engine.protocol import EngineClient
 
     assert "vllm_config" in EngineClient.__annotations__
+
+
+def test_attention_surfaces():
+    """The attention impls steerserve subclasses, their forward signature, the CPU cache-write op and
+    the metadata fields the context-attention pass reads."""
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl, FlashAttentionMetadata
+
+    for impl in (CPUAttentionBackendImpl, FlashAttentionImpl):
+        params = list(inspect.signature(impl.forward).parameters)
+        assert params[:8] == ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"]
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    for backend in (CPUAttentionBackend, FlashAttentionBackend):
+        assert backend.forward_includes_kv_cache_update is False  # the step's K/V are cached before forward
+    for meta in (CPUAttentionMetadata, FlashAttentionMetadata):
+        assert {"seq_lens", "block_table", "query_start_loc"} <= set(meta.__dataclass_fields__)
+    assert "impl" in inspect.getsource(Attention.__init__) and "layer_name" in inspect.getsource(Attention.__init__)
+    # vLLM 0.32's FlashAttention cache: logically [blocks, kv_heads, block_size, 2 * head_dim]
+    assert "kv_cache.transpose(1, 2).split(self.head_size, dim=-1)" in inspect.getsource(FlashAttentionImpl.forward)
+    from vllm import _custom_ops as ops
+
+    assert list(inspect.signature(ops.cpu_attn_reshape_and_cache).parameters)[:6] == [
+        "key", "value", "key_cache", "value_cache", "slot_mapping", "isa"]
+    from steerserve.patches.vllm_adapter import _steerable_impl_class
+
+    cls = _steerable_impl_class(CPUAttentionBackendImpl)
+    obj = object.__new__(CPUAttentionBackendImpl)
+    obj.__class__ = cls  # the in-place swap works on the real class (no layout change)
+    assert isinstance(obj, CPUAttentionBackendImpl)
+
+
+def test_render_surfaces():
+    """The serving objects' render methods the span resolution hooks, and the engine input keys."""
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.inputs.engine import TokensInput
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    assert list(inspect.signature(OpenAIServingChat.render_chat_request).parameters) == ["self", "request"]
+    assert list(inspect.signature(OpenAIServingCompletion.render_completion_request).parameters) == ["self", "request"]
+    assert "render_chat_request(request)" in inspect.getsource(OpenAIServingChat._create_chat_completion)
+    src = inspect.getsource(OpenAIServingChat._create_chat_completion)
+    assert src.index("render_chat_request(request)") < src.index("to_sampling_params(")  # spans land in time
+    assert inspect.iscoroutinefunction(OnlineRenderer.render_chat)
+    assert {"prompt_token_ids", "prompt"} <= set(TokensInput.__annotations__)
+
+    calls = []
+
+    class FakeServing:
+        async def render_chat_request(self, request):
+            return ("conv", [request])
+
+        async def render_completion_request(self, request):
+            return [request]
+
+    async def hook(kind, serving, request, result):
+        calls.append(kind)
+        return result
+
+    import asyncio
+
+    state = SimpleNamespace(openai_serving_chat=FakeServing(), openai_serving_completion=FakeServing())
+    vllm_adapter.intercept_renders(state, hook)
+    vllm_adapter.intercept_renders(state, hook)  # idempotent
+    assert asyncio.run(state.openai_serving_chat.render_chat_request("r")) == ("conv", ["r"])
+    assert asyncio.run(state.openai_serving_completion.render_completion_request("r")) == ["r"]
+    assert calls == ["chat", "completions"]
