@@ -64,12 +64,28 @@ class Gathered:
         return self.k.transpose(-1, -2).reshape(r, h, n * bs, d)
 
 
+def _strided_candidates(block_size: int, head_dim: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Block-interior layouts that are a reshape + permute of [block_size, head_dim]:
+    name -> (stored shape, permutation of it giving the logical (token..., dim...) order).
+    Seen in vLLM 0.32's CPU backend: "vec" K = transposed, V = identity; "amx" (bfloat16 with AMX
+    tiles) K = [bs/16, D/2, 16, 2] (token tile, dim pair, token, pair) and
+    V = [D/16, bs/2, 16, 2] (dim tile, token pair, dim, pair)."""
+    bs, d = block_size, head_dim
+    out = {"identity": ((bs, d), (0, 1)), "transposed": ((d, bs), (1, 0))}
+    if bs % 16 == 0 and d % 2 == 0:
+        out["amx_k"] = ((bs // 16, d // 2, 16, 2), (0, 2, 1, 3))
+    if d % 16 == 0 and bs % 2 == 0:
+        out["amx_v"] = ((d // 16, bs // 2, 16, 2), (1, 3, 0, 2))
+    return out
+
+
 def _classify(perm: torch.Tensor, block_size: int, head_dim: int) -> str:
-    ident = torch.arange(block_size * head_dim)
-    if torch.equal(perm, ident):
-        return "identity"
-    if torch.equal(perm, ident.view(head_dim, block_size).t().reshape(-1)):
-        return "transposed"
+    """The name of the strided layout `perm` is, else "permuted" (gathered element by element)."""
+    n = block_size * head_dim
+    for name, (shape, order) in _strided_candidates(block_size, head_dim).items():
+        # stored offset of each logical (t, d): the stored arange, viewed and permuted to logical order
+        if torch.equal(torch.arange(n).view(shape).permute(order).reshape(-1), perm):
+            return name
     return "permuted"
 
 
@@ -145,19 +161,30 @@ class CpuPagedKV(PagedKV):
         or [R, h, n, D, bs] when stored transposed and `part` is K."""
         r, h, n = shape
         bs, d = self.block_size, self.head_dim
-        x = rows[:, part].index_select(0, idx)  # [R*h*n, bs*D], contiguous: one memcpy per block
+        x = rows.index_select(0, idx * 2 + part)  # [R*h*n, bs*D]: one memcpy per (block, head)
         if kind == "identity":
             return x.view(r, h, n * bs, d), False
-        if kind == "transposed":
-            x = x.view(r, h, n, d, bs)
-            return (x, True) if part == 0 else (x.transpose(-1, -2).reshape(r, h, n * bs, d), False)
+        if kind == "transposed" and part == 0:
+            return x.view(r, h, n, d, bs), True  # used as stored by the decode pass
+        if kind != "permuted":  # a strided layout: one strided copy
+            stored, order = _strided_candidates(bs, d)[kind]
+            if stored[-1] == 2 and order[-1] == len(stored) - 1 and x.element_size() == 2:
+                # the innermost pair stays innermost (AMX's K): move it as one 4-byte element,
+                # about 5x faster than a 2-byte strided copy
+                y = x.view(torch.int32).view(r * h * n, *stored[:-1])
+                y = y.permute(0, *(o + 1 for o in order[:-1])).contiguous()
+                return y.view(x.dtype).view(r, h, n * bs, d), False
+            x = x.view(r * h * n, *stored).permute(0, *(o + 1 for o in order))
+            return x.reshape(r, h, n * bs, d), False
         return x.index_select(-1, perm.to(x.device)).view(r, h, n * bs, d), False
 
     def gather(self, kv_cache, block_ids, kv_heads):
         nb, kvh, bs, _ = kv_cache.shape
         r, n = block_ids.shape
         h = kv_heads.numel()
-        rows = kv_cache.view(nb * kvh, 2, bs * self.head_dim)  # (block, head) rows of K | V
+        # (block, head, K|V) rows of one block interior each, as a contiguous 2-D view (index_select
+        # on contiguous rows is a plain memcpy per row, ~3x faster than on a strided view)
+        rows = kv_cache.reshape(nb * kvh * 2, bs * self.head_dim)
         idx = (block_ids[:, None, :] * kvh + kv_heads[None, :, None]).reshape(-1)  # order (R, h, n)
         k, k_t = self._half(rows, idx, 0, self.kind_k, self.perm_k, (r, h, n))
         v, _ = self._half(rows, idx, 1, self.kind_v, self.perm_v, (r, h, n))

@@ -59,6 +59,46 @@ def test_calibration_reads_the_cpu_kernel_layout(dtype):
     assert torch.equal(one.k_dense()[0, 0, :n], k[:, 1]) and torch.equal(one.v[0, 0, :n], v[:, 1])
 
 
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="this CPU has no AMX tiles")
+def test_calibration_reads_the_amx_layout():
+    """bfloat16 on an AMX CPU: vLLM's "amx" path tiles K and V; recognised as strided layouts
+    (one strided copy, no per-element gather) and read back exactly."""
+    from vllm import _custom_ops as ops
+
+    bs, kvh, hd = 128, 3, 64
+    reader = ca.CpuPagedKV.calibrate(_cpu_write("amx"), kvh, bs, hd, torch.bfloat16)
+    assert (reader.kind_k, reader.kind_v) == ("amx_k", "amx_v")
+    cache = torch.zeros(3, kvh, bs, 2 * hd, dtype=torch.bfloat16)
+    kc, vc = cache.view(3, kvh, 2 * bs, hd).chunk(2, dim=2)
+    n = 200
+    k = torch.randn(n, kvh, hd).bfloat16()
+    v = torch.randn(n, kvh, hd).bfloat16()
+    slots = torch.tensor([[2, 0][t // bs] * bs + t % bs for t in range(n)])
+    ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, "amx")
+    got = reader.gather(cache, torch.tensor([[2, 0]]), torch.tensor([0, 2]))
+    assert torch.equal(got.k_dense()[0, :, :n], k[:, [0, 2]].transpose(0, 1))
+    assert torch.equal(got.v[0, :, :n], v[:, [0, 2]].transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["amx_k", "amx_v"])
+def test_strided_layouts_on_synthetic_caches(kind, dtype):
+    """Each known strided layout, written by a fake backend, is classified and read back exactly."""
+    bs, kvh, hd = 32, 2, 32
+    shape, order = ca._strided_candidates(bs, hd)[kind]
+    perm = torch.arange(bs * hd).view(shape).permute(order).reshape(-1)
+    ident = torch.arange(bs * hd)
+    reader = ca.CpuPagedKV.calibrate(_fake_write(perm, perm), kvh, bs, hd, dtype)
+    assert reader.kind_k == reader.kind_v == kind
+    k, v = torch.randn(bs, kvh, hd).to(dtype), torch.randn(bs, kvh, hd).to(dtype)
+    cache = torch.zeros(2, kvh, bs, 2 * hd, dtype=dtype)
+    kc, vc = cache.view(2, kvh, 2 * bs, hd).chunk(2, dim=2)
+    _fake_write(perm, perm)(k, v, kc[1:], vc[1:], None)
+    got = reader.gather(cache, torch.tensor([[1]]), torch.arange(kvh))
+    assert torch.equal(got.k_dense()[0], k.transpose(0, 1)) and torch.equal(got.v[0], v.transpose(0, 1))
+    assert ca._classify(ident, bs, hd) == "identity"
+
+
 def test_calibration_handles_any_block_interior_permutation():
     bs, kvh, hd = 32, 3, 32
     g = torch.Generator().manual_seed(0)

@@ -317,8 +317,8 @@ def test_context_attention_over_http(server, client):
     """Steered chat: echo names the resolved heads and the emphasised tokens (the user message
     only), output differs from plain; head sets by name; marked text; streaming; compare."""
     plain = chat(client, messages=CONTEXT, logprobs=True, max_tokens=12)
-    r = chat(client, {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13]}}, messages=CONTEXT,
-             logprobs=True, max_tokens=12)
+    r = chat(client, {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13], "heads": "all"}},
+             messages=CONTEXT, logprobs=True, max_tokens=12)
     (echo,) = r.model_extra["steer"]["applied"]
     assert echo["steer"] == "context_attention" and echo["emphasis"] == "user"
     assert echo["layers"] == [10, 11, 12, 13] and echo["num_heads"] == 4 * 9
@@ -335,7 +335,12 @@ def test_context_attention_over_http(server, client):
     assert applied["head_set"] == "mid" and applied["heads"] == [[12, [0, 4]], [14, [2]], [16, [8]]]
     assert chat(client, {"profile": "focus"}, messages=CONTEXT).model_extra["steer"]["applied"][0]["alpha"] == 0.3
     listed = httpx.get(f"{server}/v1/steer/head_sets", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    assert listed["data"] == [{"name": "mid", "num_heads": 4, "heads": [[12, 0], [12, 4], [14, 2], [16, 8]]}]
+    assert [d["name"] for d in listed["data"]] == ["default", "mid"]  # the embedded model's profiled set
+    assert listed["data"][1] == {"name": "mid", "num_heads": 4, "heads": [[12, 0], [12, 4], [14, 2], [16, 8]]}
+    default = chat(client, {"context_attention": {}}, messages=CONTEXT, max_tokens=4).model_extra["steer"]
+    assert default["applied"][0]["head_set"] == "default" and default["applied"][0]["alpha"] == 0.7
+    assert default["applied"][0]["heads"] == [[layer, [h for l2, h in listed["data"][0]["heads"] if l2 == layer]]
+                                              for layer in sorted({l2 for l2, _ in listed["data"][0]["heads"]})]
 
     marked = [CONTEXT[0], {"role": "user", "content": "Passage: <emphasis>The capital of France is Lyon.</emphasis>"
                                                       "\nQuestion: What is the capital of France?"}]
@@ -343,8 +348,8 @@ def test_context_attention_over_http(server, client):
     (span,) = m.model_extra["steer"]["applied"][0]["spans"]
     assert tokenizer.decode(ids[span[0]:span[1]]).strip() == "The capital of France is Lyon."  # markers removed
 
-    chunks = list(chat(client, {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13]}}, messages=CONTEXT,
-                       stream=True, max_tokens=12))
+    chunks = list(chat(client, {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13], "heads": "all"}},
+                       messages=CONTEXT, stream=True, max_tokens=12))
     assert chunks[0].model_extra["steer"]["applied"][0]["spans"] == echo["spans"]
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == r.choices[0].message.content
@@ -356,7 +361,8 @@ def test_context_attention_over_http(server, client):
 
     body = {"model": MODEL, "messages": CONTEXT, "max_tokens": 12, "temperature": 0,
             "arms": [{"name": "plain", "steer": {}},
-                     {"name": "ctx", "steer": {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13]}}}]}
+                     {"name": "ctx", "steer": {"context_attention": {"alpha": 0.3, "layers": [10, 11, 12, 13],
+                                                                     "heads": "all"}}}]}
     arms = httpx.post(f"{server}/v1/ab/compare", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
                       timeout=120).json()["arms"]
     assert arms[1]["steer"]["applied"][0]["spans"] == echo["spans"]

@@ -100,8 +100,10 @@ def test_context_attention_normalisation():
                      {"focus": ((1, 2), (1, 0), (5, 5))}).context_attention
     assert plan.heads == ((1, (0, 2)),) and plan.head_set == "focus" and plan.emphasis == "user"
     default = normalise({"context_attention": {}}, INFO, {"default": ((3, 4),)}).context_attention
-    assert default.heads == ((3, (4,)),) and default.alpha == 0.7
-    assert len(normalise({"context_attention": {}}, INFO).context_attention.heads) == 30  # no default set: all
+    assert default.heads == ((3, (4,)),) and default.alpha == 0.7 and default.head_set == "default"
+    every = normalise({"context_attention": {}}, INFO).context_attention  # no default set: all heads
+    assert len(every.heads) == 30 and every.alpha == 0.9
+    assert normalise({"context_attention": {"heads": [[1, 1]]}}, INFO).context_attention.alpha == 0.9
     assert normalise({"context_attention": {"alpha": 1.0}}, INFO).is_empty
     with pytest.raises(SteerError, match="marked"):
         normalise({"context_attention": {}}, INFO, endpoint="completions")
