@@ -21,7 +21,8 @@ _DONE_MARKER = ".steerserve-complete"
 
 def cache_root() -> Path:
     """Root of steerserve's cache (`$STEERSERVE_HOME`, default `~/.cache/steerserve`)."""
-    return Path(os.environ.get("STEERSERVE_HOME", Path.home() / ".cache" / "steerserve"))
+    # an empty $STEERSERVE_HOME counts as unset (it would otherwise mean the current directory)
+    return Path(os.environ.get("STEERSERVE_HOME") or Path.home() / ".cache" / "steerserve").expanduser()
 
 
 def embedded_model_dir() -> Path:
