@@ -187,6 +187,12 @@ async def _render_hook(kind: str, serving, request, result):
         field = getattr(err, "field", spans.FIELD)
         metrics.REJECTED.labels(field=field).inc()
         return _error(field, f"invalid steering: {field}: {getattr(err, 'message', str(err))}")
+    except Exception as err:  # noqa: BLE001 - a bug here must not become a 500 or reach the engine
+        logger.exception("steerserve: resolving emphasis spans failed")
+        field = spans.FIELD
+        metrics.REJECTED.labels(field=field).inc()
+        return _error(field, f"could not resolve the emphasised spans of this request ({type(err).__name__}); "
+                             "the request was not run")
     from dataclasses import replace
 
     resolved = replace(job.plan, context_attention=replace(ctx, spans=found, prompt_len=len(ids)))
