@@ -1,6 +1,7 @@
 """`steerserve chat`: talk to a running steerserve with the official OpenAI SDK, steering by flags.
 
     steerserve chat "What is the capital of France?" --infosteer-alpha 1.5 --infosteer-layers 0,1,2
+    steerserve chat "Passage: ... Question: ..." --context-alpha 0.5 --context-heads default
     steerserve chat            # interactive: one prompt per line, empty line or Ctrl-D to quit
 """
 
@@ -33,14 +34,42 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--infosteer-layers", default="all", help='"all" or comma-separated layer indices')
     g.add_argument("--infosteer-k", type=int, default=None, help="topk: coefficients per token")
     g.add_argument("--infosteer-p", type=float, default=None, help="lift: fraction per token (default 0.01)")
+    c = p.add_argument_group("context attention (PASTA-style emphasis of the user's text)")
+    c.add_argument("--context-attention", action="store_true",
+                   help="enable it with the server's defaults (implied by any flag below)")
+    c.add_argument("--context-alpha", type=float, default=None,
+                   help="(0, 1]: attention off the emphasised tokens is scaled by this (default: the server's)")
+    c.add_argument("--context-layers", default="all", help='"all" or comma-separated layer indices')
+    c.add_argument("--context-heads", default=None,
+                   help='"all", a head set name, or layer:head pairs like 12:0,14:3 (default: the server\'s)')
+    c.add_argument("--emphasis", choices=["user", "last_user", "marked"], default=None,
+                   help="what to emphasise (default user; marked: text in <emphasis>...</emphasis>)")
+
+
+def _layers(text: str):
+    return "all" if text == "all" else [int(x) for x in text.split(",") if x]
+
+
+def _heads(text: str | None):
+    if text is None or text == "all" or ":" not in text:
+        return text
+    return [[int(a) for a in pair.split(":")] for pair in text.split(",") if pair]
 
 
 def steer_from_args(args: argparse.Namespace) -> Steer | None:
-    if args.infosteer_alpha is None:
-        return None
-    layers = "all" if args.infosteer_layers == "all" else [int(x) for x in args.infosteer_layers.split(",") if x]
-    return Steer().infosteer(alpha=args.infosteer_alpha, mode=args.infosteer_mode, layers=layers,
-                             k=args.infosteer_k, p=args.infosteer_p)
+    steer = Steer()
+    used = False
+    if args.infosteer_alpha is not None:
+        steer = steer.infosteer(alpha=args.infosteer_alpha, mode=args.infosteer_mode,
+                                layers=_layers(args.infosteer_layers), k=args.infosteer_k, p=args.infosteer_p)
+        used = True
+    context_flags = (args.context_alpha is not None or args.context_layers != "all"
+                     or args.context_heads is not None or args.emphasis is not None)
+    if args.context_attention or context_flags:
+        steer = steer.context_attention(alpha=args.context_alpha, layers=_layers(args.context_layers),
+                                        heads=_heads(args.context_heads), emphasis=args.emphasis)
+        used = True
+    return steer if used else None
 
 
 def _ask(client, model: str, messages: list[dict], steer: Steer | None, args) -> str:

@@ -68,3 +68,43 @@ def test_steer_builder():
     assert Steer().to_dict() == {}
     with pytest.raises(pydantic.ValidationError):
         Steer().infosteer(alpha=50)
+
+
+def test_steer_builder_context_attention_round_trips_through_the_server_schema():
+    from steerserve.clients import Steer
+    from steerserve.server.schema import ModelInfo, normalise
+
+    info = ModelInfo("SteerableLlamaForCausalLM", 30, 1536, True, num_heads=9, attention_steerable=True)
+    steer = Steer().infosteer(alpha=1.5, layers=[1]).context_attention(alpha=0.5, heads=[(1, 2), (3, 0)],
+                                                                         emphasis="last_user")
+    body = steer.extra_body()["steer"]
+    assert body["context_attention"] == {"alpha": 0.5, "layers": "all", "heads": [[1, 2], [3, 0]],
+                                         "emphasis": "last_user"}
+    plan = normalise(body, info)
+    assert plan.context_attention.heads == ((1, (2,)), (3, (0,))) and plan.infosteer.alpha == 1.5
+    assert Steer().context_attention().to_dict() == {"context_attention": {"layers": "all"}}  # server defaults
+    assert Steer().profile("strong").to_dict() == {"profile": "strong"}
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError):
+        Steer().context_attention(alpha=2.0)
+
+
+def test_chat_context_attention_flags():
+    import argparse
+
+    from steerserve.clients.chat import add_chat_args, steer_from_args
+
+    p = argparse.ArgumentParser()
+    add_chat_args(p)
+    assert steer_from_args(p.parse_args(["hi"])) is None
+    s = steer_from_args(p.parse_args(["hi", "--context-alpha", "0.5", "--context-heads", "12:0,14:3",
+                                      "--emphasis", "last_user", "--infosteer-alpha", "1.2"])).to_dict()
+    assert s["context_attention"] == {"alpha": 0.5, "layers": "all", "heads": [[12, 0], [14, 3]],
+                                      "emphasis": "last_user"}
+    assert s["infosteer"]["alpha"] == 1.2
+    assert steer_from_args(p.parse_args(["hi", "--context-attention"])).to_dict() == {
+        "context_attention": {"layers": "all"}}
+    assert steer_from_args(p.parse_args(["hi", "--context-heads", "default"])).to_dict()[
+        "context_attention"]["heads"] == "default"
