@@ -44,6 +44,8 @@ def test_batch_and_request_state_fields():
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
     assert "sampling_params" in CachedRequestState.__dataclass_fields__
+    # the context-attention span check compares the plan's prompt length with this
+    assert "self.num_prompt_tokens = " in inspect.getsource(CachedRequestState)
     assert isinstance(InputBatch.req_ids, property)
     assert "num_reqs" in dir(InputBatch)
     from vllm import SamplingParams
