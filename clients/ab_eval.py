@@ -25,8 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-PROMPT = ("Read the passage and answer the question with a short phrase from the passage.\n\n"
-          "Passage: {passage}\n\nQuestion: {question}")
+from steerserve.clients.context_eval import PROMPT  # the same reading-comprehension prompt
 
 
 @dataclass

@@ -233,8 +233,9 @@ def biased_attention(q, k, v, bias, scale: float) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, kv: Gathered, bias: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per request. q [R, h*g, D] (g query heads per KV head, grouped as vLLM/HF do);
-    bias [R, L] float32 (-inf = padding). Scores and softmax in float32 when K is stored
-    transposed per block (used in place, no copy); else flash-style SDPA. Returns [R, h*g, D]."""
+    bias [R, L] float32 (-inf = padding). When K is stored transposed per block (used in place,
+    no copy): q @ K in the cache dtype (as Hugging Face's eager attention does), bias and softmax
+    in float32; else flash-style SDPA. Returns [R, h*g, D]."""
     r, hq, d = q.shape
     h = kv.v.shape[1]
     g = hq // h

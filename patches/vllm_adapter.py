@@ -222,11 +222,12 @@ def _steerable_impl_class(cls: type) -> type:
         work = ctx.attention if ctx is not None else None
         if work is None or attn_metadata is None or self.steer_layer not in work.layers:
             return out
-        unsupported = attention_supports_steering(self)
-        if unsupported is not None:
-            raise RuntimeError(f"steerserve: context-attention steering is not supported with {unsupported}")
+        if self.steer_unsupported is not None:
+            raise RuntimeError(f"steerserve: context-attention steering is not supported with {self.steer_unsupported}")
+        if self.steer_reader is None:  # the layout is fixed once the cache exists
+            self.steer_reader = paged_kv_reader(self, layer, kv_cache)
         work.apply_(
-            self.steer_layer, query, output, kv_cache, paged_kv_reader(self, layer, kv_cache),
+            self.steer_layer, query, output, kv_cache, self.steer_reader,
             attn_metadata.seq_lens, attn_metadata.block_table, self.scale, self.steer_head_offset,
         )
         return out
@@ -255,6 +256,8 @@ def make_attention_steerable(model: torch.nn.Module) -> int:
         impl.__class__ = _steerable_impls[cls]
         impl.steer_layer = layer
         impl.steer_head_offset = rank * impl.num_heads  # local heads of this tensor-parallel rank
+        impl.steer_unsupported = attention_supports_steering(impl)  # fixed at build: checked once
+        impl.steer_reader = None
         swapped += 1
     return swapped
 

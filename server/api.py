@@ -53,9 +53,13 @@ _STEER_DOC = (
 )
 
 
+def error_response(field: str | None, message: str):
+    """vLLM's OpenAI error object for a 400 naming `field`."""
+    return ErrorResponse(error={"message": message, "type": "BadRequestError", "param": field, "code": 400})
+
+
 def bad_request(field: str | None, message: str) -> JSONResponse:
-    body = ErrorResponse(error={"message": message, "type": "BadRequestError", "param": field, "code": 400})
-    return JSONResponse(content=body.model_dump(), status_code=400)
+    return JSONResponse(content=error_response(field, message).model_dump(), status_code=400)
 
 
 @dataclass
@@ -149,12 +153,6 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
     return Applied(plan, profile, experiment, job, unit if experiment else None)
 
 
-def _error(field: str, message: str):
-    from vllm.entrypoints.serve.engine.protocol import ErrorInfo
-
-    return ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", param=field, code=400))
-
-
 async def _render_hook(kind: str, serving, request, result):
     """Complete a pending span job on the prompt vLLM just rendered: find the emphasised tokens, put
     the resolved plan on the request (read next by vLLM's `to_sampling_params`), and salt the
@@ -169,29 +167,25 @@ async def _render_hook(kind: str, serving, request, result):
             raise spans.SpanError("prompt", "context-attention steering needs exactly one prompt per request")
         engine_input = inputs[0]
         ids = list(engine_input["prompt_token_ids"])
+        tokenizer = renderer_tokenizer(serving)
         if kind == "chat":
-            conversation = result[0]
             text = engine_input_text(engine_input)
-            sentinel = request.model_copy(update={"messages": spans.sentinel_messages(list(request.messages))})
-            _, sentinel_text, _ = await render_chat_text(serving, sentinel)
             if text is None:
                 raise spans.SpanError(spans.FIELD, "the rendered prompt text is unavailable")
-            contents = {i: spans._text_of(m) for i, m in enumerate(conversation)}
-            ranges = spans.message_ranges(text, sentinel_text, contents)
-            roles = [m.get("role", "") for m in conversation]
-            chars = spans.emphasised_char_ranges(ctx.emphasis, roles, ranges, job.marked)
+            sentinel = request.model_copy(update={"messages": spans.sentinel_messages(list(request.messages))})
+            _, sentinel_text, _ = await render_chat_text(serving, sentinel)
+            found = spans.rendered_chat_spans(ctx.emphasis, tokenizer, text, sentinel_text, result[0], job.marked, ids)
         else:
-            text, chars = request.prompt, job.marked
-        found = spans.resolve(ctx.emphasis, renderer_tokenizer(serving), text, ids, chars)
+            found = spans.resolve(ctx.emphasis, tokenizer, request.prompt, ids, job.marked)
     except (spans.SpanError, ValueError) as err:
         field = getattr(err, "field", spans.FIELD)
         metrics.REJECTED.labels(field=field).inc()
-        return _error(field, f"invalid steering: {field}: {getattr(err, 'message', str(err))}")
+        return error_response(field, f"invalid steering: {field}: {getattr(err, 'message', str(err))}")
     except Exception as err:  # noqa: BLE001 - a bug here must not become a 500 or reach the engine
         logger.exception("steerserve: resolving emphasis spans failed")
         field = spans.FIELD
         metrics.REJECTED.labels(field=field).inc()
-        return _error(field, f"could not resolve the emphasised spans of this request ({type(err).__name__}); "
+        return error_response(field, f"could not resolve the emphasised spans of this request ({type(err).__name__}); "
                              "the request was not run")
     from dataclasses import replace
 

@@ -211,6 +211,18 @@ def resolve(mode: str, tokenizer, text: str, token_ids: list[int], char_ranges: 
     return spans
 
 
+def rendered_chat_spans(mode: str, tokenizer, real_text: str, sentinel_text: str, messages: list,
+                        marked: dict[int, list[tuple[int, int]]], token_ids: list[int]) -> tuple[tuple[int, int], ...]:
+    """Emphasised token spans of a chat rendered twice by one renderer (as sent, and with
+    `sentinel_messages`): `messages` as the template received them, `token_ids` the prompt's.
+    The one path for the server (vLLM's renderer) and the offline commands (the tokenizer's)."""
+    contents = {i: _text_of(m) for i, m in enumerate(messages)}
+    ranges = message_ranges(real_text, sentinel_text, contents)
+    roles = [m.get("role", "") if isinstance(m, dict) else "" for m in messages]
+    chars = emphasised_char_ranges(mode, roles, ranges, marked)
+    return resolve(mode, tokenizer, real_text, token_ids, chars)
+
+
 def chat_spans(tokenizer, messages: list, mode: str, add_generation_prompt: bool = True,
                **template_kwargs) -> tuple[list[int], tuple[tuple[int, int], ...]]:
     """Offline: (prompt token ids, emphasised token spans) of a chat rendered with the tokenizer's
@@ -223,12 +235,8 @@ def chat_spans(tokenizer, messages: list, mode: str, add_generation_prompt: bool
                                          add_generation_prompt=add_generation_prompt, **template_kwargs)
     sentinel = tokenizer.apply_chat_template(sentinel_messages(stripped.messages), tokenize=False,
                                              add_generation_prompt=add_generation_prompt, **template_kwargs)
-    contents = {i: _text_of(m) for i, m in enumerate(stripped.messages)}
-    ranges = message_ranges(real, sentinel, contents)
-    roles = [m.get("role", "") for m in stripped.messages]
-    chars = emphasised_char_ranges(mode, roles, ranges, stripped.marked)
-    ids = tokenizer(real, add_special_tokens=False)["input_ids"]
-    return list(ids), resolve(mode, tokenizer, real, ids, chars)
+    ids = list(tokenizer(real, add_special_tokens=False)["input_ids"])
+    return ids, rendered_chat_spans(mode, tokenizer, real, sentinel, stripped.messages, stripped.marked, ids)
 
 
 def _text_of(message) -> str:
