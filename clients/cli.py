@@ -1,4 +1,4 @@
-"""The `steerserve` command: serve, chat, bench, eval-context, heads profile, ab-eval, prepare-model."""
+"""The `steerserve` command: serve, chat, bench, eval-context, heads profile, ab-eval, train, prepare-model."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     p_ab = sub.add_parser("ab-eval", help="offline A/B evaluation of steering arms against a running server")
     add_ab_eval_args(p_ab)
 
+    from steerserve.training.export import add_export_args
+    from steerserve.training.sft import add_sft_args
+
+    p_train = sub.add_parser("train", help="training utilities: fine-tune checkpoints the server serves, TAIA exports")
+    train_sub = p_train.add_subparsers(dest="train_command", required=True)
+    add_sft_args(train_sub.add_parser(
+        "sft", help="supervised fine-tuning on chat data (full or LoRA; loss on assistant tokens only)"))
+    add_export_args(train_sub.add_parser(
+        "export-taia", help="TAIA export: attention-only adapter, or tuned attention + base FFN checkpoint"))
+
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
 
     args = parser.parse_args(argv)
@@ -68,6 +78,15 @@ def main(argv: list[str] | None = None) -> None:
 
         args.api_key = args.api_key or os.environ.get("STEERSERVE_API_KEY")
         run_ab_eval(args)
+    elif args.command == "train":
+        if args.train_command == "sft":
+            from steerserve.training.sft import run_sft
+
+            run_sft(args)
+        else:
+            from steerserve.training.export import export_taia
+
+            print(export_taia(args.src, args.out, args.base))
     elif args.command == "prepare-model":
         from steerserve.server.model_store import ensure_embedded_model
 

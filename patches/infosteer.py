@@ -71,3 +71,17 @@ def apply_one(c: torch.Tensor, mode: str, alpha: float, k: int = 0, m: int = 0) 
 def lift_count(p: float, d_ffn: int) -> int:
     """Number of coefficients `lift` rewrites per token: floor(p * d_ffn)."""
     return int(p * d_ffn)
+
+
+def coefficient_entropy(c: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Entropy of each token's FFN memory distribution k_hat, the InfoSteer training regulariser's
+    H(k_hat) (arXiv 2507.05158): c [..., d] -> H [...], in float32, differentiable.
+
+    The paper normalises non-negative (ReLU) coefficients into a distribution. SwiGLU coefficients
+    silu(gate) * up are signed, so steerserve normalises magnitudes: k_hat_i = |c_i| / sum_j |c_j|
+    (a memory vector read with a negative weight is still read). H ranges over [0, log d]; high H
+    means the token spreads its reads over many memories.
+    """
+    a = c.float().abs()
+    p = a / a.sum(dim=-1, keepdim=True).clamp_min(eps)
+    return -(p * torch.log(p.clamp_min(eps))).sum(dim=-1)

@@ -11,18 +11,39 @@ from __future__ import annotations
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from .vllm_adapter import make_attention_steerable, make_mlps_steerable
+from .mixing import full_variants_from_env
+from .vllm_adapter import load_variant_weights, make_attention_steerable, make_mlps_steerable, route_logits_
 
 
-class SteerableLlamaForCausalLM(LlamaForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+class _SteerableMixin:
+    """After vLLM builds the model: steerable MLPs and attention. Loading also loads the fully
+    fine-tuned variants declared by the server (TAIA mixing); logits of mixed rows use their
+    variant's LM head."""
+
+    def _make_steerable(self) -> None:
         make_mlps_steerable(self)
         make_attention_steerable(self)
 
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        variants = full_variants_from_env()
+        if variants:
+            load_variant_weights(self, super().load_weights, variants)
+        return loaded
 
-class SteerableQwen2ForCausalLM(Qwen2ForCausalLM):
+    def compute_logits(self, hidden_states):
+        logits = super().compute_logits(hidden_states)
+        route_logits_(self, hidden_states, logits)
+        return logits
+
+
+class SteerableLlamaForCausalLM(_SteerableMixin, LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        make_mlps_steerable(self)
-        make_attention_steerable(self)
+        self._make_steerable()
+
+
+class SteerableQwen2ForCausalLM(_SteerableMixin, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._make_steerable()

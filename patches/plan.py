@@ -85,13 +85,54 @@ class ContextAttentionPlan:
 
 
 @dataclass(frozen=True)
+class MixingPlan:
+    """TAIA parameter mixing: which weights of the tuned variant `variant` a request uses, per
+    component ("tuned" or "base"). `via` is how the engine serves it: "weights" (a fully
+    fine-tuned variant, rows routed inside the engine; `index` is its position in the engine's
+    variant list) or "lora" (vLLM multi-LoRA with the component's adapter, `adapter` its name;
+    nothing for the engine hook to do)."""
+
+    variant: str
+    attention: str
+    ffn: str
+    via: str
+    index: int = -1
+    adapter: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.attention == "tuned" and self.ffn == "base":
+            return "taia"
+        if self.attention == "tuned" and self.ffn == "tuned":
+            return "tuned"
+        if self.attention == "base" and self.ffn == "base":
+            return "base"
+        return "ffn-only"
+
+    @property
+    def routes(self) -> bool:
+        """Whether the engine routes rows for it (weights-served, at least one tuned component)."""
+        return self.via == "weights" and "tuned" in (self.attention, self.ffn)
+
+    def echo(self) -> dict:
+        out = {"steer": "mixing", "variant": self.variant, "attention": self.attention, "ffn": self.ffn,
+               "mode": self.label, "served_by": "multi-LoRA adapter" if self.via == "lora" else "routed weights"}
+        if self.adapter:
+            out["adapter"] = self.adapter
+        return out
+
+
+@dataclass(frozen=True)
 class SteerPlan:
     infosteer: InfoSteerPlan | None = None
     context_attention: ContextAttentionPlan | None = None
+    mixing: MixingPlan | None = None
+    context_indicator: str | None = None  # the indicator text appended to user turns (echo only)
 
     @property
     def is_empty(self) -> bool:
-        return self.infosteer is None and self.context_attention is None
+        return self.infosteer is None and self.context_attention is None and self.mixing is None \
+            and self.context_indicator is None
 
     def to_json(self) -> str:
         body = {k: v for k, v in asdict(self).items() if v is not None}
@@ -103,7 +144,10 @@ class SteerPlan:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def applied(self) -> list[dict]:
-        return [p.echo() for p in (self.infosteer, self.context_attention) if p is not None]
+        out = [p.echo() for p in (self.infosteer, self.context_attention, self.mixing) if p is not None]
+        if self.context_indicator is not None:
+            out.append({"steer": "context_indicator", "text": self.context_indicator})
+        return out
 
     def echo(self) -> dict:
         """The `steer` object returned to the client."""
@@ -126,4 +170,8 @@ def parse_plan(text: str) -> SteerPlan:
             "heads": tuple((int(layer), tuple(hs)) for layer, hs in ctx["heads"]),
             "spans": tuple((int(a), int(b)) for a, b in ctx["spans"]),
         })
-    return SteerPlan(infosteer=info, context_attention=ctx)
+    mixing = body.get("mixing")
+    if mixing is not None:
+        mixing = MixingPlan(**mixing)
+    return SteerPlan(infosteer=info, context_attention=ctx, mixing=mixing,
+                     context_indicator=body.get("context_indicator"))

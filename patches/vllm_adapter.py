@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from . import context as _context
+from . import mixing as _mixing
 from .context import build_step_context, ffn_steer, use_step_context
 from .context_attention import CpuPagedKV, FlashPagedKV, PagedKV
 from .plan import EXTRA_ARGS_KEY, parse_plan
@@ -42,15 +43,17 @@ logger = logging.getLogger("steerserve")
 _WRAPPED_MARK = "_steerserve_wrapped"
 
 
-def steered_row_entries(runner: Any) -> tuple[list, list]:
+def steered_row_entries(runner: Any) -> tuple[list, list, list]:
     """This step's steered requests, read from the runner:
-    ([(InfoSteerPlan, start_row, end_row)], [(ContextAttentionPlan, batch_index, start_row, end_row)])."""
+    ([(InfoSteerPlan, start_row, end_row)], [(ContextAttentionPlan, batch_index, start_row, end_row)],
+    [(variant index, attention tuned, ffn tuned, batch_index, start_row, end_row)])."""
     batch = runner.input_batch
     num_reqs = batch.num_reqs
     ffn: list = []
     attention: list = []
+    mixing: list = []
     if num_reqs == 0:
-        return ffn, attention
+        return ffn, attention, mixing
     qsl = runner.query_start_loc.np
     requests = runner.requests
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
@@ -68,6 +71,9 @@ def steered_row_entries(runner: Any) -> tuple[list, list]:
             continue
         if plan.infosteer is not None:
             ffn.append((plan.infosteer, start, end))
+        mix = plan.mixing
+        if mix is not None and mix.routes:
+            mixing.append((mix.index, mix.attention == "tuned", mix.ffn == "tuned", i, start, end))
         ctx = plan.context_attention
         if ctx is not None:
             prompt_len = getattr(state, "num_prompt_tokens", None)
@@ -79,7 +85,7 @@ def steered_row_entries(runner: Any) -> tuple[list, list]:
                              ctx.prompt_len, prompt_len)
                 continue
             attention.append((ctx, i, start, end))
-    return ffn, attention
+    return ffn, attention, mixing
 
 
 def install_runner_hook() -> None:
@@ -91,12 +97,17 @@ def install_runner_hook() -> None:
         return
 
     def _model_forward(self, *args, **kwargs):
-        ffn, attention = steered_row_entries(self)
-        if not ffn and not attention:
+        ffn, attention, mixing = steered_row_entries(self)
+        _mixing.set_logits_route(None)
+        if not ffn and not attention and not mixing:
             return original(self, *args, **kwargs)
-        ctx = build_step_context(ffn, self.device, attention)
-        with use_step_context(ctx):
-            return original(self, *args, **kwargs)
+        ctx = build_step_context(ffn, self.device, attention) if ffn or attention else None
+        mix = _mixing.StepMixing.build(mixing, self.input_batch.num_reqs, self.device) if mixing else None
+        with use_step_context(ctx), _mixing.use_mixing(mix):
+            out = original(self, *args, **kwargs)
+        if mix is not None and isinstance(out, torch.Tensor):
+            _mixing.set_logits_route(_mixing.LogitsRoute(out, mix))
+        return out
 
     setattr(_model_forward, _WRAPPED_MARK, True)
     _model_forward.__wrapped__ = original
@@ -376,3 +387,249 @@ def run_openai_server(argv: list[str]) -> None:
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))
+
+
+# --- 7. TAIA mixing of fully fine-tuned variants (see patches/mixing.py) -------------------------
+#
+# Surfaces: vLLM's Llama/Qwen2 module names (`embed_tokens`, `layers.N.input_layernorm`,
+# `post_attention_layernorm`, `self_attn.qkv_proj`/`o_proj`, `mlp.gate_up_proj`/`down_proj`,
+# `model.norm`, `lm_head`, `logits_processor`), the models' `load_weights` (called a second time per
+# variant with the parameters' storage swapped, so vLLM's own stacking and sharding load them), the
+# layers' `quant_method.process_weights_after_loading` (run on each shadow, so a shadow computes
+# with the same kernels as its module), and the forward signatures of linear layers (returning
+# (out, bias) or out), RMSNorm (x, residual) and embeddings (ids).
+
+_SITE_RE = (
+    (r"(^|\.)embed_tokens$", "attention"),
+    (r"(^|\.)layers\.\d+\.(input_layernorm|post_attention_layernorm)$", "attention"),
+    (r"(^|\.)layers\.\d+\.self_attn\.(qkv_proj|o_proj)$", "attention"),
+    (r"(^|\.)layers\.\d+\.mlp\.(gate_up_proj|down_proj)$", "ffn"),
+    (r"^model\.norm$", "attention"),
+)
+_sites: list[torch.nn.Module] = []  # site id -> module (registry read by the routing op)
+
+
+def mixing_sites(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """(name, module, component) for every module TAIA mixing routes, plus the LM head when it is
+    a module of its own (untied): it is routed in `compute_logits`, not by a forward."""
+    import re
+
+    found = []
+    for name, module in model.named_modules():
+        for pattern, component in _SITE_RE:
+            if re.search(pattern, name):
+                found.append((name, module, component))
+                break
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and all(lm_head is not m for _, m, _ in found) and hasattr(lm_head, "weight"):
+        found.append(("lm_head", lm_head, "attention"))
+    return found
+
+
+def _route_rows_(out: torch.Tensor, x: torch.Tensor, site: int) -> None:
+    """Overwrite the rows of `out` that this step routes to a variant at `site`, computed by the
+    site's shadow for that variant from `x` (the site's input, or for a norm with a residual the
+    pre-norm sum)."""
+    mix = _mixing.current()
+    if mix is None:
+        return
+    module = _sites[site]
+    for variant, rows, span in mix.groups(module.steer_component):
+        shadow = shadow_for(module, variant)
+        if shadow is None:
+            continue
+        new = shadow(_mixing.select_rows(x, rows, span))
+        if isinstance(new, tuple):
+            new = new[0]
+        _mixing.overwrite_rows_(out, rows, span, new)
+
+
+@torch.library.custom_op("steerserve::route_rows_", mutates_args=("out",))
+def route_rows_op_(out: torch.Tensor, x: torch.Tensor, site: int) -> None:
+    """`_route_rows_` as a registered op, for compiled graphs."""
+    _route_rows_(out, x, site)
+
+
+@route_rows_op_.register_fake
+def _(out: torch.Tensor, x: torch.Tensor, site: int) -> None:
+    return None
+
+
+def route_rows_(out: torch.Tensor, x: torch.Tensor, site: int) -> None:
+    if torch.compiler.is_compiling():
+        route_rows_op_(out, x, site)
+    elif _mixing.current() is not None:
+        _route_rows_(out, x, site)
+
+
+class _MixableLinearMixin:
+    def forward(self, x):
+        result = super().forward(x)
+        if self.steer_routed:
+            route_rows_(result[0] if isinstance(result, tuple) else result, x, self.steer_site)
+        return result
+
+
+class _MixableNormMixin:
+    def forward(self, x, residual=None):
+        if not self.steer_routed:
+            return super().forward(x, residual)
+        if residual is None:
+            out = super().forward(x)
+            route_rows_(out, x, self.steer_site)
+            return out
+        out, summed = super().forward(x, residual)
+        route_rows_(out, summed, self.steer_site)  # the shadow normalises the pre-norm sum
+        return out, summed
+
+
+class _MixableEmbeddingMixin:
+    def forward(self, input_):
+        out = super().forward(input_)
+        if self.steer_routed:
+            route_rows_(out, input_, self.steer_site)
+        return out
+
+
+_mixable_classes: dict[type, type] = {}
+
+
+def _mixable_class(module: torch.nn.Module) -> type | None:
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    cls = type(module)
+    if cls in _mixable_classes:
+        return _mixable_classes[cls]
+    if isinstance(module, ParallelLMHead):
+        return None  # routed in compute_logits
+    if isinstance(module, LinearBase):
+        mixin = _MixableLinearMixin
+    elif isinstance(module, RMSNorm):
+        mixin = _MixableNormMixin
+    elif isinstance(module, VocabParallelEmbedding):
+        mixin = _MixableEmbeddingMixin
+    else:
+        raise TypeError(f"steerserve: cannot route rows through {cls.__name__}")
+    _mixable_classes[cls] = type(f"Mixable{cls.__name__}", (mixin, cls), {})
+    return _mixable_classes[cls]
+
+
+def load_variant_weights(model: torch.nn.Module, load_weights, variants: list[dict]) -> None:
+    """After the base weights are loaded (before vLLM processes them), load each fully fine-tuned
+    variant through the model's own `load_weights` (parameters' storage swapped to fresh tensors,
+    then restored) and keep, per site, the variant's tensors that differ from the base's. Swaps the
+    sites' classes to routing ones. `load_weights` is the base class's bound method."""
+    from safetensors import safe_open
+
+    sites = mixing_sites(model)
+    params = dict(model.named_parameters())
+    name_of = {id(p): name for name, p in params.items()}
+    base = {name: p.data for name, p in params.items()}
+    for _, module, component in sites:
+        module.steer_component = component
+        module.steer_variants = {}
+        module.steer_shadows = {}
+    for index, variant in enumerate(variants):
+        folder = variant["path"]
+        files = sorted(__import__("pathlib").Path(folder).glob("*.safetensors"))
+
+        def weights():
+            for f in files:
+                with safe_open(f, framework="pt") as fh:
+                    for key in fh.keys():
+                        yield key, fh.get_tensor(key)
+
+        for p in params.values():
+            p.data = torch.empty_like(p.data)
+        try:
+            loaded = load_weights(weights())
+        finally:
+            fresh = {name: p.data for name, p in params.items()}
+            for name, p in params.items():
+                p.data = base[name]
+        missing = sorted(set(params) - set(loaded or ()))
+        if missing:
+            raise ValueError(f"variant {variant['name']!r} ({folder}) lacks weights for {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        differing = 0
+        for _, module, _ in sites:
+            # by parameter identity: a tied LM head's weight is the embedding's parameter
+            own = {pname: name_of[id(p)] for pname, p in module.named_parameters(recurse=False) if id(p) in name_of}
+            tensors = {pname: fresh[full] for pname, full in own.items()}
+            if any(not torch.equal(t, base[own[pname]]) for pname, t in tensors.items()):
+                module.steer_variants[index] = tensors
+                differing += 1
+        logger.info("steerserve: variant %d %r: %d of %d routed modules differ from the base",
+                    index, variant["name"], differing, len(sites))
+    for _, module, _ in sites:
+        module.steer_routed = bool(module.steer_variants)
+        if module.steer_routed:
+            cls = _mixable_class(module)
+            module.steer_base_class = type(module)
+            if cls is not None:
+                module.__class__ = cls
+            module.steer_site = len(_sites)
+            _sites.append(module)
+
+
+def shadow_for(module: torch.nn.Module, variant: int) -> torch.nn.Module | None:
+    """The module's copy holding `variant`'s weights, processed by the module's own quant method
+    (built once, at first use); None when the variant's weights equal the base's here."""
+    if variant in module.steer_shadows:
+        return module.steer_shadows[variant]
+    tensors = module.steer_variants.get(variant)
+    shadow = None
+    if tensors is not None:
+        import copy
+        import types
+
+        shadow = copy.copy(module)
+        shadow.__class__ = module.steer_base_class
+        shadow._parameters = dict(module._parameters)
+        for attr, value in list(vars(shadow).items()):
+            # methods bound to the module (a CustomOp's dispatched `_forward_method`) rebound to the shadow
+            if isinstance(value, types.MethodType) and value.__self__ is module:
+                setattr(shadow, attr, types.MethodType(value.__func__, shadow))
+        for pname, t in tensors.items():
+            old = module._parameters[pname]
+            new = torch.nn.Parameter(t, requires_grad=False)
+            for attr, value in vars(old).items():  # weight_loader, output_dim, ...
+                setattr(new, attr, value)
+            shadow._parameters[pname] = new
+        method = getattr(shadow, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(shadow)
+        # Keep the loaded tensors alive with the shadow: the CPU oneDNN GEMM handle made while
+        # processing reads the original weight memory (measured: freeing it corrupts decode steps).
+        shadow.steer_weights = tensors
+        del module.steer_variants[variant]
+    module.steer_shadows[variant] = shadow
+    return shadow
+
+
+def lm_head_module(model: torch.nn.Module) -> torch.nn.Module:
+    return model.lm_head
+
+
+def route_logits_(model: torch.nn.Module, hidden_states: torch.Tensor, logits: torch.Tensor | None) -> None:
+    """Recompute the logits rows of mixed requests whose attention component (which holds the LM
+    head) is tuned, with the variant's LM head (after `compute_logits`)."""
+    route = _mixing.logits_route()
+    if route is None or logits is None:
+        return
+    head = lm_head_module(model)
+    if not getattr(head, "steer_routed", False):
+        return
+    rows = route.rows_for(hidden_states)
+    if rows is None:
+        logger.error("steerserve: compute_logits got %d rows that match neither the step's requests nor its "
+                     "hidden states; mixed requests' logits use the base LM head", hidden_states.shape[0])
+        return
+    for variant, idx in rows.items():
+        shadow = shadow_for(head, variant)
+        if shadow is None:
+            continue
+        new = model.logits_processor(shadow, hidden_states.index_select(0, idx))
+        logits.index_copy_(0, idx, new.to(logits.dtype))

@@ -62,7 +62,7 @@ def test_steered_row_entries_on_a_fake_runner():
         requests={"a": mk(None), "b": mk({"steer": plan.to_json()}), "c": mk({"steer": plan.to_json()}),
                   "stale": mk({"steer": plan.to_json()})},
     )
-    assert vllm_adapter.steered_row_entries(runner) == ([(plan.infosteer, 5, 6), (plan.infosteer, 6, 9)], [])
+    assert vllm_adapter.steered_row_entries(runner) == ([(plan.infosteer, 5, 6), (plan.infosteer, 6, 9)], [], [])
 
 
 def test_mlp_layout_and_layer_index():
