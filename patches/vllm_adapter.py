@@ -362,6 +362,11 @@ async def render_chat_text(serving: Any, request: Any) -> tuple[list, str, list[
     return conversation, engine_input_text(inputs[0]), list(inputs[0]["prompt_token_ids"])
 
 
+async def served_models_listing(state: Any) -> dict:
+    """vLLM's own `/v1/models` payload (the base and its LoRA adapters) as a dict."""
+    return (await state.openai_serving_models.show_available_models()).model_dump()
+
+
 def engine_input_text(engine_input: Any) -> str | None:
     return engine_input.get("prompt") if isinstance(engine_input, dict) else None
 

@@ -24,12 +24,15 @@ from starlette.datastructures import State
 
 from steerserve.patches.plan import EXTRA_ARGS_KEY, SteerPlan
 
-from . import feedback, metrics, spans
+from steerserve.training.indicator import apply_indicator
+
+from . import family, feedback, metrics, spans
 from .experiments import UNIT_HEADER, resolve_experiment
 from .profiles import load_for_server
 from .schema import SteerError, normalise, resolve_profile
 from steerserve.patches.vllm_adapter import (
     engine_input_text, http_surface, intercept_renders, model_info_from_engine, render_chat_text, renderer_tokenizer,
+    served_models_listing,
 )
 
 _vllm = http_surface()
@@ -85,6 +88,7 @@ class Applied:
     experiment: tuple[str, str] | None = None  # (experiment, arm)
     spans: SpanJob | None = None
     unit: str | None = None  # the experiment unit key
+    response_model: str | None = None  # the `model` the client asked for, when vLLM served another name
 
     @property
     def effective_plan(self) -> SteerPlan:
@@ -137,7 +141,16 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
     config = state.steerserve_config
     raw, experiment = resolve_experiment(raw, config.experiments, unit)
     raw, profile = resolve_profile(raw, config.profiles)
-    plan = normalise(raw, state.steerserve_model_info, config.head_sets, endpoint)
+    requested_model = getattr(request, "model", None)
+    plan = normalise(raw, state.steerserve_model_info, config.head_sets, endpoint, model=requested_model)
+    response_model = None
+    if plan.mixing is not None:
+        served = plan.mixing.adapter if plan.mixing.via == "lora" and plan.mixing.adapter else family.current().base_name
+        if served and served != requested_model:
+            request.model = served  # the name vLLM serves the mix under (a LoRA adapter or the base)
+            response_model = requested_model or plan.mixing.variant
+    if plan.context_indicator is not None:
+        request.messages = apply_indicator(list(request.messages), plan.context_indicator)
     job = None
     if plan.context_attention is not None:
         try:
@@ -150,7 +163,7 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
         # steered request never reuses KV computed under another plan (and repeats reuse theirs).
         salt = f"steer:{plan.fingerprint()}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-    return Applied(plan, profile, experiment, job, unit if experiment else None)
+    return Applied(plan, profile, experiment, job, unit if experiment else None, response_model)
 
 
 async def _render_hook(kind: str, serving, request, result):
@@ -211,30 +224,38 @@ def take_plan(request, raw_request: Request, field_prefix: str = "",
     if request.vllm_xargs and EXTRA_ARGS_KEY in request.vllm_xargs:
         field = f"{field_prefix}vllm_xargs.steer"
         return None, bad_request(field, f"{field} is reserved for steerserve; pass steering as the `steer` field")
-    if STEER_FIELD not in extra:
+    if STEER_FIELD not in extra and not family.current().needs_plan(getattr(request, "model", None)):
         return None, None
     unit = getattr(request, "user", None) or raw_request.headers.get(UNIT_HEADER)
     try:
         intercept_renders(raw_request.app.state, _render_hook)
-        return apply_steer(request, extra.pop(STEER_FIELD), raw_request.app.state, unit, endpoint), None
+        return apply_steer(request, extra.pop(STEER_FIELD, None), raw_request.app.state, unit, endpoint), None
     except SteerError as err:
         field = f"{field_prefix}{err.field}"
         metrics.REJECTED.labels(field=err.field).inc()
         return None, bad_request(field, f"invalid steering: {field}: {err.message}")
 
 
-async def _echo_stream(chunks: AsyncIterator, echo: dict) -> AsyncIterator[str]:
-    """Insert `echo` as the `steer` field of the first JSON data chunk of an SSE stream."""
+async def _echo_stream(chunks: AsyncIterator, echo: dict, model: str | None = None) -> AsyncIterator[str]:
+    """Insert `echo` as the `steer` field of the first JSON data chunk of an SSE stream (and with
+    `model`, put it as every chunk's `model`)."""
     pending = True
     async for chunk in chunks:
-        if pending:
+        if pending or model is not None:
             text = chunk.decode() if isinstance(chunk, bytes) else chunk
             if text.startswith("data: {"):
-                event, _, rest = text.partition("\n\n")  # a chunk may hold more than one event
-                payload = json.loads(event[len("data: "):])
-                payload[STEER_FIELD] = echo
-                chunk = f"data: {json.dumps(payload)}\n\n{rest}"
-                pending = False
+                events = []
+                for event in text.split("\n\n"):  # a chunk may hold more than one event
+                    if event.startswith("data: {"):
+                        payload = json.loads(event[len("data: "):])
+                        if pending:
+                            payload[STEER_FIELD] = echo
+                            pending = False
+                        if model is not None and "model" in payload:
+                            payload["model"] = model
+                        event = f"data: {json.dumps(payload)}"
+                    events.append(event)
+                chunk = "\n\n".join(events)
         yield chunk
 
 
@@ -244,11 +265,13 @@ def with_echo(response: Response | None, applied: Applied | None) -> Response | 
         return response
     echo = applied.echo()
     if isinstance(response, StreamingResponse):
-        response.body_iterator = _echo_stream(response.body_iterator, echo)
+        response.body_iterator = _echo_stream(response.body_iterator, echo, applied.response_model)
         return response
     if isinstance(response, JSONResponse):
         payload = json.loads(response.body)
         payload[STEER_FIELD] = echo
+        if applied.response_model is not None and "model" in payload:
+            payload["model"] = applied.response_model
         headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
         return JSONResponse(content=payload, status_code=response.status_code, headers=headers)
     return response
@@ -292,6 +315,20 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 )
 async def create_completion(request: CompletionRequest, raw_request: Request):
     return await _steered("completions", _vllm.stock_completion_handler, request, raw_request)
+
+
+@router.get("/v1/models")
+async def list_models(raw_request: Request):
+    """vLLM's model list (the base and LoRA adapters) plus the fully fine-tuned variants and their
+    mixes, each annotated with the variant and mixing it serves."""
+    listing = await served_models_listing(raw_request.app.state)
+    fam = family.current()
+    for entry in listing.get("data", []):
+        variant, label = fam.variant_for_model(entry.get("id"))
+        if variant is not None:
+            entry["steerserve"] = {"variant": variant.name, "mixing": label or "tuned", "kind": variant.kind}
+    listing["data"] = listing.get("data", []) + fam.models_listing()
+    return JSONResponse(content=listing)
 
 
 @router.get("/v1/steer/profiles")

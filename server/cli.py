@@ -56,6 +56,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "`steerserve heads profile`; NAME defaults to the file's name). A set named `default` "
                         "is used by requests that give no `heads`; serving the embedded model loads its "
                         "profiled set as `default` unless one is given")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a tuned variant of the model next to it (repeatable): a LoRA adapter folder "
+                        "(multi-LoRA; its attention-only and FFN-only parts are served as NAME:taia and "
+                        "NAME:ffn-only) or a fully fine-tuned checkpoint of the same base (weights routed per "
+                        "request). Requests select it with `model: NAME` and mix with `steer.mixing` "
+                        '("taia", ...). Also config key `variants: {NAME: PATH}`')
     p.add_argument("--feedback-db", default=None, metavar="FILE",
                    help="SQLite file for A/B experiment responses and feedback (default "
                         "$STEERSERVE_HOME/ab-feedback.sqlite3, i.e. ~/.cache/steerserve/ab-feedback.sqlite3)")
@@ -94,6 +100,20 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
         argv += ["--max-num-seqs", str(args.max_num_seqs)]
     argv.append("--no-enable-prefix-caching" if args.no_prefix_caching else "--enable-prefix-caching")
     return argv + list(args.vllm_arg)
+
+
+def _config_variants(path: str) -> dict:
+    """The config file's `variants: {NAME: PATH}` (relative paths from the file's folder)."""
+    from steerserve.server.profiles import ConfigError, read_config_file
+
+    try:
+        raw = read_config_file(path).get("variants") or {}
+    except ConfigError as err:
+        raise SystemExit(f"steerserve serve: --config: {err}") from None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise SystemExit("steerserve serve: --config: `variants` must map names to checkpoint/adapter paths")
+    base = Path(path).resolve().parent
+    return {k: str((base / v).resolve()) for k, v in raw.items()}
 
 
 def _is_loopback(host: str) -> bool:
@@ -141,6 +161,23 @@ def serve(args: argparse.Namespace) -> None:
     except head_sets.HeadSetError as err:
         raise SystemExit(f"steerserve serve: --head-set: {err}") from None
     os.environ[head_sets.HEAD_SETS_ENV] = json.dumps({k: str(v) for k, v in files.items()})
+    from steerserve.server import family as _family
+    from steerserve.server.model_store import cache_root
+
+    served_name = args.served_model_name or model.name
+    declared = list(args.variant)
+    if args.config:
+        declared += [f"{k}={v}" for k, v in (_config_variants(args.config)).items()]
+    try:
+        fam = _family.prepare_family(declared, model, served_name, cache_root() / "variants")
+    except _family.FamilyError as err:
+        raise SystemExit(f"steerserve serve: --variant: {err}") from None
+    variant_argv = _family.vllm_args(fam)
+    _family.set_current(fam)
+    if fam.variants:
+        print("[steerserve] variants: " + ", ".join(
+            f"{v.name} ({v.kind}{': ' + ', '.join(n for n in v.adapter_paths) if v.kind == 'lora' else ''})"
+            for v in fam.variants.values()), file=sys.stderr)
     if args.config:
         try:
             config = load_config(args.config, info, sets)
@@ -151,14 +188,14 @@ def serve(args: argparse.Namespace) -> None:
               f"experiments {', '.join(config.experiments) or '-'}", file=sys.stderr)
         sets = config.head_sets
     if sets:
-        print(f"[steerserve] head sets: " + ", ".join(f"{k} ({len(v)} heads)" for k, v in sets.items()),
+        print("[steerserve] head sets: " + ", ".join(f"{k} ({len(v)} heads)" for k, v in sets.items()),
               file=sys.stderr)
     if args.feedback_db:
         from steerserve.server.feedback import FEEDBACK_DB_ENV
 
         os.environ[FEEDBACK_DB_ENV] = str(Path(args.feedback_db).expanduser().resolve())
     enable_plugins()
-    argv = vllm_argv(args, model)
+    argv = vllm_argv(args, model) + variant_argv
     print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",
           file=sys.stderr, flush=True)
     from steerserve.patches.vllm_adapter import run_openai_server

@@ -28,7 +28,7 @@ from .experiments import Experiment, parse_experiments
 from .schema import ModelInfo, SteerError, normalise, parse_spec
 
 CONFIG_ENV = "STEERSERVE_CONFIG"
-TOP_LEVEL_KEYS = ("profiles", "experiments", "head_sets")
+TOP_LEVEL_KEYS = ("profiles", "experiments", "head_sets", "variants")  # variants: read by `serve` (server/cli.py)
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ class ServerConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The parsed config file (a mapping); raises ConfigError."""
+    return _read(Path(path))
 
 
 def _read(path: Path) -> dict:

@@ -76,6 +76,12 @@ class SteerSpec(BaseModel):
     experiment: str | None = Field(None, description="name of a server-side A/B experiment (alone)")
     infosteer: InfoSteerSpec | None = None
     context_attention: ContextAttentionSpec | None = None
+    mixing: str | dict | None = Field(
+        None, description='TAIA parameter mixing with a tuned variant: "taia", "tuned", "base", "ffn-only" or '
+        '{"variant": name, "attention": "tuned"|"base", "ffn": "tuned"|"base"} (see README, "Model families")')
+    context_indicator: bool | None = Field(
+        None, description="append the context-dependency indicator the model was trained with to every user "
+        "message (chat only; 400 for models trained without one)")
 
 
 @dataclass(frozen=True)
@@ -321,10 +327,12 @@ def _normalise_context(spec: ContextAttentionSpec, info: ModelInfo, head_sets: d
     )
 
 
-def normalise(raw: object, info: ModelInfo, head_sets: dict | None = None, endpoint: str = "chat") -> SteerPlan:
+def normalise(raw: object, info: ModelInfo, head_sets: dict | None = None, endpoint: str = "chat",
+              model: str | None = None) -> SteerPlan:
     """Raw `steer` JSON (profile already resolved) -> the normalised plan (only the steers that do
     something). Context-attention spans are resolved later, on the rendered prompt (`spans`).
-    `endpoint`: "chat" or "completions" (which emphasis modes are allowed)."""
+    `endpoint`: "chat" or "completions" (which emphasis modes are allowed); `model`: the request's
+    `model` (a tuned variant's name selects it for mixing)."""
     spec = parse_spec(raw)
     if spec.profile is not None:
         raise SteerError("steer.profile", "profiles cannot name other profiles")
@@ -334,4 +342,22 @@ def normalise(raw: object, info: ModelInfo, head_sets: dict | None = None, endpo
     context = None
     if spec.context_attention is not None:
         context = _normalise_context(spec.context_attention, info, head_sets or {}, endpoint)
-    return SteerPlan(infosteer=infosteer, context_attention=context)
+    from . import family as _family
+
+    fam = _family.current()
+    try:
+        mixing, _ = fam.resolve(spec.mixing, model)
+    except _family.MixingError as err:
+        raise SteerError(err.field, err.message) from None
+    indicator = None
+    if spec.context_indicator:
+        field = "steer.context_indicator"
+        if endpoint != "chat":
+            raise SteerError(field, "only on /v1/chat/completions (the indicator is appended to user messages)")
+        indicator = fam.indicator_for(model)
+        if indicator is None:
+            who = model or fam.base_name or "the served model"
+            raise SteerError(field, f"model {who!r} was not trained with a context-dependency indicator (its "
+                                    "steerserve.json has no context_indicator; train with `steerserve train sft "
+                                    "--context-indicator`)")
+    return SteerPlan(infosteer=infosteer, context_attention=context, mixing=mixing, context_indicator=indicator)

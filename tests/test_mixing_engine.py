@@ -11,7 +11,6 @@ batch unmixed; each mixed row matches a Hugging Face model of the corresponding 
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch

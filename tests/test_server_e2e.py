@@ -6,17 +6,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 from pathlib import Path
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
 from steerserve.clients import Steer
+from server_proc import running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -38,47 +36,18 @@ experiments:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     folder = tmp_path_factory.mktemp("server")
-    log = folder / "server.log"
     config = folder / "steerserve.yaml"
     config.write_text(CONFIG)
-    cmd = [sys.executable, "-m", "steerserve.clients.cli", "serve", "--port", str(port), "--api-key", API_KEY,
-           "--config", str(config), "--feedback-db", str(folder / "ab.sqlite3"),
-           "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1",
-           # float32: greedy answers do not move with batch composition, so the mixed-batch test can
-           # compare texts exactly (and "Paris" beats a near-tie that bfloat16 flips to "L'...")
-           "--dtype", "float32"]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"server did not become healthy:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    args = ["--api-key", API_KEY, "--config", str(config), "--feedback-db", str(folder / "ab.sqlite3"),
+            "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1",
+            # float32: greedy answers do not move with batch composition, so the mixed-batch test can
+            # compare texts exactly (and "Paris" beats a near-tie that bfloat16 flips to "L'...")
+            "--dtype", "float32"]
+    with running_server(args, folder / "server.log") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

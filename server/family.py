@@ -1,0 +1,311 @@
+"""A model family: the served base with its tuned variants, and `steer.mixing` (TAIA) per request.
+
+Variants are declared with `steerserve serve --variant NAME=PATH` (repeatable) or the config file's
+`variants: {NAME: PATH}`. PATH is either
+- a LoRA adapter folder (peft layout): served with vLLM's multi-LoRA. At start-up the server splits
+  it into an attention-only adapter (TAIA) and an FFN-only adapter (cached under
+  `$STEERSERVE_HOME/variants/`), registered as `NAME:taia` and `NAME:ffn-only` next to `NAME`;
+  a request's mixing picks the adapter;
+- a full checkpoint folder (a fully fine-tuned model of the same base): the engine holds the
+  variant's weights and routes the rows of requests that use them (`patches/mixing.py`).
+Either kind is refused at start-up when its `steerserve.json` names a base with another content
+digest than the served model, or (without metadata) when its shape differs.
+
+`steer.mixing` is `"taia"` (tuned attention, base FFN), `"tuned"`, `"base"`, `"ffn-only"`, or
+`{"variant": NAME, "attention": "tuned"|"base", "ffn": "tuned"|"base"}`; the variant defaults to
+the request's `model` when that names a variant, or to the only variant when there is one.
+Requests whose `model` names a variant (or an alias) without `steer.mixing` get the full tuned
+variant. The family travels from the CLI to the API server and the engine in environment variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from steerserve.patches.mixing import VARIANTS_ENV
+from steerserve.patches.plan import MixingPlan
+
+FAMILY_ENV = "STEERSERVE_FAMILY"
+LABELS = {"taia": ("tuned", "base"), "tuned": ("tuned", "tuned"), "base": ("base", "base"),
+          "ffn-only": ("base", "tuned")}
+ALIAS_SUFFIXES = {"taia": ":taia", "ffn-only": ":ffn-only"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FIELD = "steer.mixing"
+
+
+class FamilyError(ValueError):
+    """A variant declaration the server cannot start with."""
+
+
+class MixingError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # "lora" | "full"
+    path: str
+    index: int = -1  # full: position in the engine's variant list
+    adapters: dict[str, str | None] = field(default_factory=dict)  # lora: label -> served name (None = base)
+    adapter_paths: dict[str, str] = field(default_factory=dict)  # lora: served name -> folder
+    rank: int = 0
+    context_indicator: str | None = None
+
+
+@dataclass
+class Family:
+    base_name: str = ""
+    base_indicator: str | None = None
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    # --- lookups ----------------------------------------------------------------------------
+    def variant_for_model(self, model: str | None) -> tuple[Variant | None, str | None]:
+        """(variant, label) a request `model` names: a variant ("tuned"), an alias ("taia",
+        "ffn-only"), or (None, None)."""
+        if not model:
+            return None, None
+        if model in self.variants:
+            return self.variants[model], None
+        for v in self.variants.values():
+            for label, served in v.adapters.items():
+                if served == model and label != "tuned":
+                    return v, label
+            for label, suffix in ALIAS_SUFFIXES.items():
+                if v.kind == "full" and model == v.name + suffix:
+                    return v, label
+        return None, None
+
+    def needs_plan(self, model: str | None) -> bool:
+        """Whether a request for `model` needs steerserve's handling even without `steer`
+        (a fully fine-tuned variant or its alias: vLLM itself does not know these names)."""
+        v, _ = self.variant_for_model(model)
+        return v is not None and v.kind == "full"
+
+    def indicator_for(self, model: str | None) -> str | None:
+        v, _ = self.variant_for_model(model)
+        if v is not None:
+            return v.context_indicator
+        return self.base_indicator
+
+    # --- requests ---------------------------------------------------------------------------
+    def resolve(self, raw, model: str | None) -> tuple[MixingPlan | None, str | None]:
+        """`steer.mixing` (raw value, or None) and the request's `model` -> (plan, the model name to
+        hand to vLLM, or None to keep the request's). Raises MixingError naming the field."""
+        named, implied = self.variant_for_model(model)
+        if raw is None and named is None:
+            return None, None
+        if raw is None:
+            label = implied or "tuned"
+            variant = named
+        else:
+            variant, label = self._parse(raw, named, implied)
+        attention, ffn = LABELS[label]
+        if variant.kind == "lora":
+            served = variant.adapters.get(label)
+            plan = MixingPlan(variant.name, attention, ffn, via="lora", adapter=served)
+            return plan, served or self.base_name
+        plan = MixingPlan(variant.name, attention, ffn, via="weights", index=variant.index)
+        return plan, self.base_name
+
+    def _parse(self, raw, named: Variant | None, implied: str | None) -> tuple[Variant, str]:
+        if implied is not None:
+            raise MixingError(FIELD, f"the request's model already selects the {implied!r} mix of "
+                                     f"{named.name!r}; name the variant itself ({named.name!r}) to mix")
+        if isinstance(raw, str):
+            if raw not in LABELS:
+                raise MixingError(FIELD, f"unknown shorthand {raw!r}; allowed: {', '.join(LABELS)} or an object "
+                                         '{"variant", "attention": "tuned"|"base", "ffn": "tuned"|"base"}')
+            name, attention, ffn = None, *LABELS[raw]
+        elif isinstance(raw, dict):
+            unknown = sorted(set(raw) - {"variant", "attention", "ffn"})
+            if unknown:
+                raise MixingError(f"{FIELD}.{unknown[0]}", "unknown field; allowed: variant, attention, ffn")
+            name = raw.get("variant")
+            if name is not None and not isinstance(name, str):
+                raise MixingError(f"{FIELD}.variant", "must be a string naming a tuned variant")
+            attention, ffn = raw.get("attention", "tuned"), raw.get("ffn", "tuned")
+            for key, value in (("attention", attention), ("ffn", ffn)):
+                if value not in ("tuned", "base"):
+                    raise MixingError(f"{FIELD}.{key}", f'must be "tuned" or "base", got {value!r}')
+        else:
+            raise MixingError(FIELD, f"must be a string or an object, got {type(raw).__name__}")
+        label = next(k for k, v in LABELS.items() if v == (attention, ffn))
+        if not self.variants:
+            raise MixingError(FIELD, f"model {self.base_name!r} has no tuned variant loaded (start the server "
+                                     "with --variant NAME=PATH)")
+        if name is not None:
+            if name not in self.variants:
+                raise MixingError(f"{FIELD}.variant", f"unknown variant {name!r}; loaded: "
+                                                      f"{', '.join(sorted(self.variants))}")
+            if named is not None and named.name != name:
+                raise MixingError(f"{FIELD}.variant", f"the request's model is variant {named.name!r}, "
+                                                      f"not {name!r}")
+            return self.variants[name], label
+        if named is not None:
+            return named, label
+        if len(self.variants) == 1:
+            return next(iter(self.variants.values())), label
+        raise MixingError(f"{FIELD}.variant", f"model {self.base_name!r} has several tuned variants; name one "
+                                              f"({', '.join(sorted(self.variants))}) as `model` or "
+                                              "steer.mixing.variant")
+
+    # --- serialisation ----------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"base_name": self.base_name, "base_indicator": self.base_indicator,
+                           "variants": [asdict(v) for v in self.variants.values()]})
+
+    @classmethod
+    def from_json(cls, text: str) -> Family:
+        body = json.loads(text)
+        return cls(body["base_name"], body.get("base_indicator"),
+                   {v["name"]: Variant(**v) for v in body["variants"]})
+
+    def models_listing(self) -> list[dict]:
+        """Extra `/v1/models` entries: fully fine-tuned variants and their mixes (LoRA variants and
+        their adapters are listed by vLLM itself)."""
+        out = []
+        for v in self.variants.values():
+            if v.kind != "full":
+                continue
+            for label, suffix in (("tuned", ""), *ALIAS_SUFFIXES.items()):
+                out.append({"id": v.name + suffix, "object": "model", "owned_by": "steerserve", "root": v.path,
+                            "parent": self.base_name, "steerserve": {"variant": v.name, "mixing": label}})
+        return out
+
+
+_family: Family | None = None
+
+
+def current() -> Family:
+    """The served family (API server process), from $STEERSERVE_FAMILY; empty when not set."""
+    global _family
+    if _family is None:
+        text = os.environ.get(FAMILY_ENV)
+        _family = Family.from_json(text) if text else Family()
+    return _family
+
+
+def set_current(family: Family | None) -> None:
+    global _family
+    _family = family
+
+
+# --- start-up (CLI process) -------------------------------------------------------------------
+
+def _log(msg: str) -> None:
+    print(f"[steerserve] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_variant_value(value: str) -> tuple[str, Path]:
+    if "=" not in value:
+        raise FamilyError(f"{value!r}: expected NAME=PATH")
+    name, path = value.split("=", 1)
+    return name.strip(), Path(path).expanduser().resolve()
+
+
+def _check_base(name: str, folder: Path, meta: dict | None, base: Path, base_digest: str) -> None:
+    if meta is not None and meta.get("base", {}).get("digest"):
+        if meta["base"]["digest"] != base_digest:
+            raise FamilyError(f"variant {name!r}: {folder} was trained from another base "
+                              f"({meta['base'].get('path')}, digest {meta['base']['digest']}) than the served "
+                              f"model {base} (digest {base_digest}): incompatible base")
+        return
+    if (folder / "config.json").exists():
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size")
+        a = json.loads((folder / "config.json").read_text())
+        b = json.loads((base / "config.json").read_text())
+        diff = [k for k in keys if a.get(k) != b.get(k)]
+        if diff:
+            raise FamilyError(f"variant {name!r}: shape differs from the served model ({', '.join(diff)}): "
+                              "incompatible base")
+    _log(f"WARNING: variant {name!r} has no steerserve.json naming its base; serving it on trust")
+
+
+def prepare_family(values: list[str] | dict, base: Path, base_name: str, cache: Path) -> Family:
+    """Validate the declared variants against the served base and build what serving them needs
+    (LoRA: the split adapters, cached). Raises FamilyError."""
+    from steerserve.training import checkpoints as ck
+    from steerserve.training.export import split_adapter
+
+    pairs = list(values.items()) if isinstance(values, dict) else [parse_variant_value(v) for v in values]
+    family = Family(base_name=base_name, base_indicator=(ck.read_metadata(base) or {}).get("context_indicator"))
+    if not pairs:
+        return family
+    digest = ck.base_digest(base)
+    full_index = 0
+    for name, path in pairs:
+        path = Path(path).expanduser().resolve()
+        if not _NAME_RE.match(name or ""):
+            raise FamilyError(f"variant name {name!r}: use letters, digits, '.', '_' or '-' (no ':'), 1-64 chars")
+        if name == base_name or name in family.variants:
+            raise FamilyError(f"variant name {name!r} is already taken")
+        try:
+            meta = ck.read_metadata(path)
+        except ck.CheckpointError as err:
+            raise FamilyError(str(err)) from None
+        if ck.is_lora_adapter(path):
+            _check_base(name, path, meta, base, digest)
+            cfg = json.loads((path / "adapter_config.json").read_text())
+            stamp = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()[:12] \
+                if (path / "adapter_model.safetensors").exists() else "missing"
+            variant = Variant(name, "lora", str(path), rank=int(cfg.get("r", 8)),
+                              context_indicator=(meta or {}).get("context_indicator"))
+            variant.adapters["tuned"] = name
+            variant.adapter_paths[name] = str(path)
+            variant.adapters["base"] = None
+            for label, keep in (("taia", "attention"), ("ffn-only", "ffn")):
+                out = cache / f"{name}-{stamp}" / label
+                served = name + ALIAS_SUFFIXES[label]
+                try:
+                    if not (out / "adapter_config.json").exists():
+                        split_adapter(path, out, keep=keep)
+                except ck.CheckpointError:
+                    # no modules of that component: the mix keeps only zero deltas, i.e. it is the base
+                    variant.adapters[label] = None
+                    continue
+                variant.adapters[label] = served
+                variant.adapter_paths[served] = str(out)
+        elif ck.is_full_checkpoint(path):
+            _check_base(name, path, meta, base, digest)
+            variant = Variant(name, "full", str(path), index=full_index,
+                              context_indicator=(meta or {}).get("context_indicator"))
+            full_index += 1
+        else:
+            raise FamilyError(f"variant {name!r}: {path} is neither a LoRA adapter (adapter_config.json) nor a "
+                              "checkpoint (config.json + *.safetensors)")
+        family.variants[name] = variant
+    kinds = {v.kind for v in family.variants.values()}
+    if kinds == {"lora", "full"}:
+        raise FamilyError("serve LoRA variants and fully fine-tuned variants from separate servers (vLLM's LoRA "
+                          "layers replace the modules full variants are routed through)")
+    return family
+
+
+def vllm_args(family: Family) -> list[str]:
+    """vLLM server arguments for the family's LoRA variants (and the engine env for full ones)."""
+    full = [{"name": v.name, "path": v.path} for v in family.variants.values() if v.kind == "full"]
+    if full:
+        os.environ[VARIANTS_ENV] = json.dumps(full)
+    else:
+        os.environ.pop(VARIANTS_ENV, None)
+    os.environ[FAMILY_ENV] = family.to_json()
+    lora = [v for v in family.variants.values() if v.kind == "lora"]
+    if not lora:
+        return []
+    modules = [json.dumps({"name": n, "path": p, "base_model_name": family.base_name})
+               for v in lora for n, p in v.adapter_paths.items()]
+    rank = max(v.rank for v in lora)
+    rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
+    return ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(2, len(modules))),
+            "--lora-modules", *modules]
