@@ -141,6 +141,10 @@ BAD = [
     ({"infosteer": {"alpha": 2, "k": 5}}, "steer.infosteer.k"),
     ({"infosteer": {"alpha": 2, "extra": True}}, "steer.infosteer.extra"),
     ([1, 2], "steer"),
+    ({"mixing": "taia"}, "steer.mixing"),  # no tuned variant loaded
+    ({"mixing": 3}, "steer.mixing"),
+    ({"context_indicator": True}, "steer.context_indicator"),  # not trained with one
+    ({"context_indicator": "yes"}, "steer.context_indicator"),
 ]
 
 
