@@ -6,7 +6,7 @@ bootstrap intervals, each arm's paired difference from the first arm with a pair
 interval and a paired sign-flip permutation test, as a Markdown report and a PNG plot.
 
 Data: `--data FILE.jsonl` or a ready-made offline set: squad, squad-cf, drop (generation;
-passages in the prompt) and arc-easy, arc-challenge, sciq (multiple choice). JSONL rows:
+passages in the prompt) and arc-easy, arc-challenge, sciq, boolq (multiple choice). JSONL rows:
 - generation: {"prompt": str} or {"messages": [...]}, plus {"references": [str, ...]};
 - multiple choice: {"prompt": str, "choices": [str, ...], "answer": int}.
 Metrics: exact (normalised exact match), contains (a reference in the answer), f1 (token F1), mc
@@ -253,7 +253,7 @@ def add_ab_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="API key (default $STEERSERVE_API_KEY)")
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--data", required=True,
-                   help="JSONL file, or squad, squad-cf, drop, arc-easy, arc-challenge, sciq (fetched once)")
+                   help="JSONL file, or squad, squad-cf, drop, arc-easy, arc-challenge, sciq, boolq (fetched once)")
     p.add_argument("--n", type=int, default=100, help="items (default 100)")
     p.add_argument("--arm", action="append", type=parse_arm, default=[], metavar="NAME=STEER",
                    help="an arm (repeatable, at least two; the first is the reference): NAME=STEER_JSON, "

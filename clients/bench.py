@@ -7,6 +7,7 @@ configuration at a time (as hook-based steering libraries and PASTA's own code d
 distinct configuration as its own batch. Prints tokens/s and the ratios, writes JSON.
 
 `--steer infosteer` (default): all layers, scale; the mix is half and half.
+`--steer mixing`: TAIA mixing with a fully fine-tuned variant (see `bench_mixing`).
 `--steer context`: context attention with ~500-token user contexts, emphasis on the user message,
 8 middle layers, all heads; the mix is 25% steered, and the unsteered rows' own decode time in the
 mix is compared with the all-plain run (per-request engine timestamps).
@@ -42,8 +43,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of engine workloads (default 3); speeds are medians, engine ratios are medians "
                         "of per-round ratios")
-    p.add_argument("--steer", choices=["infosteer", "context"], default="infosteer",
-                   help="which steer to measure (default infosteer)")
+    p.add_argument("--steer", choices=["infosteer", "context", "mixing"], default="infosteer",
+                   help="which steer to measure (default infosteer); mixing: TAIA with a fully fine-tuned variant "
+                        "(clients/bench_mixing.py)")
+    p.add_argument("--variant", default=None,
+                   help="mixing only: a fully fine-tuned checkpoint of --model (default: a perturbed copy)")
     p.add_argument("--context-alpha", type=float, default=0.5, help="context attention alpha (default 0.5)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
@@ -76,6 +80,10 @@ def _log(msg: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    if args.steer == "mixing":
+        from .bench_mixing import run_mixing_bench
+
+        return run_mixing_bench(args)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams

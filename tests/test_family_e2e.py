@@ -14,7 +14,7 @@ from server_proc import running_server
 from test_mixing_engine import perturbed_copy
 
 from steerserve.training import checkpoints as ck
-from steerserve.training.export import export_taia, merge_full
+from steerserve.training.export import export_taia
 
 pytestmark = pytest.mark.e2e
 

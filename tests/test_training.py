@@ -229,3 +229,28 @@ def test_sft_full_resumes_and_loads(tiny_llama, chat_jsonl, tmp_path):
     assert ck.read_metadata(out)["base"]["digest"] == ck.base_digest(tiny_llama)
     with pytest.raises(SystemExit, match="not empty"):
         run_sft(sft_args(tiny_llama, chat_jsonl, tmp_path / "full" / "checkpoints", method="full", max_steps=1))
+
+
+def test_mc_scoring_matches_one_at_a_time(tiny_llama, tok):
+    from steerserve.clients.datasets import MCItem
+    from steerserve.training.evaluate import report, score_mc
+
+    model = hf(tiny_llama).eval()
+    items = [MCItem("a", "Question: What colour is the sky?\nAnswer:", ("blue", "green", "a very long answer"), 0),
+             MCItem("b", "Question: Two plus two?\nAnswer:", ("four", "five"), 1)]
+
+    def loglik(query, choice):
+        ctx = tok(query, add_special_tokens=False)["input_ids"]
+        full = tok(query + " " + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
+        return sum(lp[t - 1, full[t]].item() for t in range(len(ctx), len(full)))
+
+    expected = 0
+    for item in items:
+        per_char = [loglik(item.query, c) / len(" " + c) for c in item.choices]
+        expected += int(max(range(len(per_char)), key=per_char.__getitem__) == item.gold)
+    got = score_mc(model, tok, items, batch_size=3, desc="test")
+    assert got["acc_per_char"] == expected / 2 and got["n"] == 2
+    table = report({"tasks": ["t"], "n": 2, "configs": {"base": {"scores": {"t": got, "mean": got["acc_per_char"]}}}})
+    assert table.startswith("| configuration | t | mean |")

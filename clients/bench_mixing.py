@@ -1,0 +1,177 @@
+"""`steerserve bench --steer mixing`: TAIA mixing throughput with a fully fine-tuned variant.
+
+Two engines on the same workload (N chat prompts x T generated tokens, all submitted at once):
+1. the plain steerable engine (no variant loaded): `plain`, `plain_control` (noise floor);
+2. the engine holding the variant (`--variant PATH`, a full checkpoint of `--model`; default: a
+   perturbed copy of the model written to a temp dir): `plain`, `all_tuned`, `all_taia`,
+   `tuned_taia_half` (TAIA rows and tuned rows in one batch), `quarter_taia` (25% TAIA rows among
+   unmixed ones).
+Rounds are interleaved within an engine; ratios within an engine are medians of per-round ratios.
+The Hugging Face baseline holds one model per configuration, so a batch of half tuned, half TAIA
+requests runs as two batches (tuned model, then the TAIA export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def perturbed_variant(model_dir: Path, out: Path, scale: float = 0.02) -> Path:
+    """A stand-in "fully fine-tuned" variant: the model with every weight perturbed (seeded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steerserve.training import checkpoints as ck
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.float().std())
+    cfg_dtype = json.loads((model_dir / "config.json").read_text()).get("dtype") or "float32"
+    model.to(getattr(torch, cfg_dtype)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    ck.write_metadata(out, "full", model_dir, ck.base_digest(model_dir))
+    return out
+
+
+def run_mixing_bench(args: argparse.Namespace) -> dict:
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from steerserve.patches import STEERABLE_ARCHITECTURES
+    from steerserve.patches.mixing import VARIANTS_ENV
+    from steerserve.patches.plan import MixingPlan, SteerPlan
+    from steerserve.patches.vllm_adapter import shutdown_engine
+    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.schema import ModelInfo
+    from steerserve.training.export import merge_full
+
+    from .bench import _prompts
+
+    model_dir = Path(args.model) if args.model else ensure_embedded_model()
+    info = ModelInfo.from_checkpoint(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    n, T = args.requests, args.max_tokens
+    prompts = _prompts(tok, n)
+    scratch = tempfile.TemporaryDirectory()
+    variant = Path(args.variant) if args.variant else perturbed_variant(model_dir, Path(scratch.name) / "variant")
+    taia = merge_full(variant, model_dir, Path(scratch.name) / "taia")
+    tuned_plan = SteerPlan(mixing=MixingPlan("v", "tuned", "tuned", via="weights", index=0))
+    taia_plan = SteerPlan(mixing=MixingPlan("v", "tuned", "base", via="weights", index=0))
+
+    def params(plan):
+        extra = {"steer": plan.to_json()} if plan else None
+        return SamplingParams(max_tokens=T, min_tokens=T, ignore_eos=True, temperature=0.0, extra_args=extra)
+
+    def measure(workloads: dict, label: str) -> tuple[dict, dict]:
+        llm = LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=True, max_model_len=1024,
+                  kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
+                  hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[info.architecture]]})
+        decode: dict[str, list[list[float]]] = {}
+
+        def run(plans, name):
+            llm.reset_prefix_cache()
+            items = [{"prompt_token_ids": p, **({"cache_salt": pl.fingerprint()} if pl else {})}
+                     for p, pl in zip(prompts, plans)]
+            t0 = time.perf_counter()
+            outs = llm.generate(items, [params(pl) for pl in plans], use_tqdm=False)
+            dt = time.perf_counter() - t0
+            decode.setdefault(name, []).append(
+                [o.metrics.last_token_ts - o.metrics.first_token_ts if o.metrics else float("nan") for o in outs])
+            return dt
+
+        run([None] * n, "warm-up")
+        times: dict[str, list[float]] = {k: [] for k in workloads}
+        names = list(workloads)
+        for r in range(args.repeats):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                times[name].append(run(workloads[name], name))
+                _log(f"{label} {name} (round {r + 1}/{args.repeats}): {n * T / times[name][-1]:.1f} tok/s")
+        shutdown_engine(llm)
+        return times, decode
+
+    _log(f"engine 1/2: {model_dir.name} without variants, {args.dtype}, eager; {n} requests x {T} tokens")
+    os.environ.pop(VARIANTS_ENV, None)
+    t1, _ = measure({"plain": [None] * n, "plain_control": [None] * n}, "no variants:")
+    _log(f"engine 2/2: with the variant {variant}")
+    os.environ[VARIANTS_ENV] = json.dumps([{"name": "v", "path": str(variant)}])
+    try:
+        w2 = {"plain": [None] * n, "all_tuned": [tuned_plan] * n, "all_taia": [taia_plan] * n,
+              "tuned_taia_half": [tuned_plan if i % 2 else taia_plan for i in range(n)],
+              "quarter_taia": [taia_plan if i % 4 == 0 else None for i in range(n)]}
+        t2, decode2 = measure(w2, "variant loaded:")
+    finally:
+        os.environ.pop(VARIANTS_ENV, None)
+
+    def tps(times):
+        return n * T / statistics.median(times)
+
+    def paired(times, a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))  # = tok/s(b) / tok/s(a)
+
+    rows = [i for i in range(n) if w2["quarter_taia"][i] is None]
+    unmixed = statistics.median(
+        statistics.median(m[i] / p[i] for i in rows) for p, m in zip(decode2["plain"], decode2["quarter_taia"]))
+    runs = {"no_variants_plain": tps(t1["plain"]), "no_variants_plain_control": tps(t1["plain_control"]),
+            **{f"variant_loaded_{k}": tps(v) for k, v in t2.items()}}
+    ratios = {
+        "plain_control_vs_plain (noise floor)": paired(t1, "plain_control", "plain") ** -1,
+        "taia_vs_tuned (all-TAIA batch / all-tuned batch)": paired(t2, "all_taia", "all_tuned") ** -1,
+        "plain_with_variant_loaded_vs_without": runs["variant_loaded_plain"] / runs["no_variants_plain"],
+        "tuned_taia_half_vs_plain": paired(t2, "plain", "tuned_taia_half"),
+        "all_taia_vs_plain": paired(t2, "plain", "all_taia"),
+        "all_tuned_vs_plain": paired(t2, "plain", "all_tuned"),
+        "unmixed_rows_decode_time_quarter_taia_over_plain": unmixed,
+    }
+    if not args.skip_hf:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        dtype = getattr(torch, args.dtype)
+        half = [prompts[i] for i in range(n) if i % 2], [prompts[i] for i in range(n) if not i % 2]
+        from steerserve.patches.reference import greedy_generate
+
+        dt = 0.0  # generation time only (model loading excluded)
+        for path, batch in ((variant, half[0]), (taia, half[1])):
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            t0 = time.perf_counter()
+            greedy_generate(hf, batch, T, None, pad)
+            dt += time.perf_counter() - t0
+            _log(f"HF: {path.name}: batch of {len(batch)} done")
+            del hf
+        runs["hf_two_models_two_batches"] = n * T / dt
+        ratios["engine_tuned_taia_half_vs_hf_two_batches"] = runs["variant_loaded_tuned_taia_half"] / runs[
+            "hf_two_models_two_batches"]
+    targets = {"taia_vs_tuned (all-TAIA batch / all-tuned batch)": (">=", 0.9),
+               "plain_with_variant_loaded_vs_without": (">=", 0.97),
+               "unmixed_rows_decode_time_quarter_taia_over_plain": ("<=", 1.03)}
+    print(f"\n{'run (median over rounds)':<40}{'tok/s':>10}")
+    for k, v in runs.items():
+        print(f"{k:<40}{v:>10.1f}")
+    print(f"\n{'ratio':<56}{'value':>8}  target")
+    for k, v in ratios.items():
+        verdict = ""
+        if k in targets:
+            op, goal = targets[k]
+            ok = v >= goal if op == ">=" else v <= goal
+            verdict = f"{op} {goal}  {'met' if ok else 'NOT met'}"
+        print(f"{k:<56}{v:>8.3f}  {verdict}")
+    results = {"config": {"model": model_dir.name, "variant": str(variant) if args.variant else "perturbed copy",
+                          "requests": n, "max_tokens": T, "dtype": args.dtype, "repeats": args.repeats},
+               "tok_per_s": runs, "ratios": ratios}
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    scratch.cleanup()
+    return results
