@@ -6,6 +6,12 @@ of the same checkpoint for the pure-torch reference.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+
+import torch
+
 from vllm import SamplingParams
 
 from steerserve.patches.plan import SteerPlan
@@ -154,3 +160,82 @@ def _check_prefix_cache_salted(llm, info, p) -> None:
     other = normalise({"infosteer": {"mode": "scale", "alpha": 0.5}}, info)
     differently = run(llm, [(long_prompt, other)], reset_cache=False)[0]
     assert differently[3] == 0, "request steered differently reused another plan's KV"
+
+
+# --- TAIA mixing of a fully fine-tuned variant ------------------------------------------------
+
+def perturbed_copy(src, out, seed=7, scale=0.05):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.dim() == 2 else 0.5))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def build_family(base, root):
+    """A "tuned" variant (the base with every weight perturbed) and its exports, under `root`."""
+    from steerserve.training.export import merge_full
+
+    tuned = perturbed_copy(base, root / "tuned")
+    taia = merge_full(tuned, base, root / "taia", attention="tuned", ffn="base")
+    ffn_only = merge_full(tuned, base, root / "ffn-only", attention="base", ffn="tuned")
+    return {"base": base, "tuned": tuned, "taia": taia, "ffn-only": ffn_only}
+
+
+@contextlib.contextmanager
+def variants_env(family):
+    """Declare the family's tuned checkpoint as the engine's variant 0 while an engine starts."""
+    from steerserve.patches.mixing import VARIANTS_ENV
+
+    os.environ[VARIANTS_ENV] = json.dumps([{"name": "chat", "path": str(family["tuned"])}])
+    try:
+        yield
+    finally:
+        del os.environ[VARIANTS_ENV]
+
+
+def mix(attention: str, ffn: str) -> SteerPlan:
+    from steerserve.patches.plan import MixingPlan
+
+    return SteerPlan(mixing=MixingPlan("chat", attention, ffn, via="weights", index=0))
+
+
+def hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def check_mixing_parity(llm, family) -> float:
+    """A batch mixing plain, TAIA, tuned and FFN-only rows of a full variant (index 0 of the
+    engine): unmixed rows bit-identical to the same batch unmixed, mixed rows equal to Hugging Face
+    models of the exported checkpoints (logprobs within LOGPROB_TOL, greedy tokens equal).
+    Returns the max logprob difference."""
+    kinds = [None, ("tuned", "base"), ("tuned", "tuned"), None, ("base", "tuned"), ("tuned", "base")]
+    names = {None: "base", ("tuned", "base"): "taia", ("tuned", "tuned"): "tuned", ("base", "tuned"): "ffn-only"}
+    items = [(t, mix(*k) if k else None) for t, k in zip(PROMPTS, kinds)]
+    outs = run(llm, items, max_tokens=10)
+    plain = run(llm, [(t, None) for t in PROMPTS], max_tokens=10)
+    models = {}
+    worst = 0.0
+    for k, (toks, lps, prompt_ids, _), ref_plain in zip(kinds, outs, plain):
+        if k is None:  # unmixed rows: bit-identical to the same batch without mixed neighbours
+            assert (toks, lps) == (ref_plain[0], ref_plain[1])
+            continue
+        name = names[k]
+        models.setdefault(name, hf(family[name]))
+        ref = token_logprobs(models[name], prompt_ids, toks, None)
+        diff = max(abs(a - b) for a, b in zip(lps, ref))
+        worst = max(worst, diff)
+        assert diff < LOGPROB_TOL, f"{name}: engine vs exported checkpoint diff {diff}"
+        assert lps != ref_plain[1], f"{name}: the row was not mixed"
+        # greedy continuation of the exported checkpoint alone gives the same tokens
+        with torch.no_grad():
+            gen = models[name].generate(torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False)
+        assert gen[0, len(prompt_ids):].tolist() == toks, name
+    return worst

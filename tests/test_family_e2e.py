@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 from server_proc import running_server
-from test_mixing_engine import perturbed_copy
+from engine_checks import perturbed_copy
 
 from steerserve.training import checkpoints as ck
 from steerserve.training.export import export_taia
@@ -185,3 +185,14 @@ def test_incompatible_base_refused(lora_family, tiny_qwen2, tmp_path):
         prepare_family([f"x={lora_family['adapter']}"], tiny_qwen2, "q", tmp_path)
     meta = json.loads((lora_family["adapter"] / "steerserve.json").read_text())
     assert meta["base"]["digest"] == ck.base_digest(lora_family["base"])
+
+
+def test_streaming_keeps_the_model_name_and_text(full_client):
+    whole = full_client.chat.completions.create(model="chat:taia", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=8, temperature=0.0)
+    chunks = list(full_client.chat.completions.create(model="chat:taia", messages=[{"role": "user", "content": "Hi"}],
+                                                      max_tokens=8, temperature=0.0, stream=True))
+    assert {c.model for c in chunks} == {"chat:taia"}
+    assert chunks[0].model_extra["steer"]["applied"][0]["mode"] == "taia"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and whole.model == "chat:taia"

@@ -162,7 +162,7 @@ def test_lora_taia_export_keeps_attention_deltas_only(tiny_llama, tmp_path):
 
 
 def test_full_merge_takes_each_component_from_its_source(tiny_llama, tmp_path):
-    from test_mixing_engine import perturbed_copy
+    from engine_checks import perturbed_copy
 
     tuned = perturbed_copy(tiny_llama, tmp_path / "tuned")
     out = merge_full(tuned, tiny_llama, tmp_path / "m", attention="tuned", ffn="base")
