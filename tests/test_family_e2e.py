@@ -196,3 +196,18 @@ def test_streaming_keeps_the_model_name_and_text(full_client):
     assert chunks[0].model_extra["steer"]["applied"][0]["mode"] == "taia"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content and whole.model == "chat:taia"
+
+
+def test_ab_compare_of_mixes(full_server, full_client):
+    arms = [{"name": "tuned", "steer": {"mixing": "tuned"}}, {"name": "taia", "steer": {"mixing": "taia"}},
+            {"name": "base", "steer": {"mixing": "base"}}]
+    body = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0.0,
+            "arms": arms}
+    r = httpx.post(f"{full_server}/v1/ab/compare", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = {a["name"]: a for a in r.json()["arms"]}
+    single = full_client.chat.completions.create(model="chat:taia", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=6, temperature=0.0)
+    assert out["taia"]["choices"][0]["message"]["content"] == single.choices[0].message.content
+    assert out["taia"]["steer"]["applied"][0]["mode"] == "taia"
+    assert len({a["choices"][0]["message"]["content"] for a in out.values()}) >= 2
