@@ -79,6 +79,26 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def timed_generate(llm, prompts: list[list[int]], plans: list, max_tokens: int, decode_log: list) -> float:
+    """One engine run: every prompt with its plan (or None), exactly `max_tokens` greedy tokens each,
+    submitted at once on a cold prefix cache. Returns the wall time; appends each request's own
+    decode time (engine timestamps) to `decode_log`."""
+    from vllm import SamplingParams
+
+    llm.reset_prefix_cache()
+    items = [{"prompt_token_ids": p, **({"cache_salt": pl.fingerprint()} if pl else {})}
+             for p, pl in zip(prompts, plans)]
+    params = [SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
+                             extra_args={"steer": pl.to_json()} if pl else None) for pl in plans]
+    t0 = time.perf_counter()
+    outs = llm.generate(items, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+    decode_log.append([o.metrics.last_token_ts - o.metrics.first_token_ts if o.metrics else float("nan")
+                       for o in outs])
+    return dt
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     if args.steer == "mixing":
         from .bench_mixing import run_mixing_bench
@@ -86,7 +106,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         return run_mixing_bench(args)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from steerserve.patches import STEERABLE_ARCHITECTURES
     from steerserve.patches.plan import SteerPlan
@@ -147,24 +167,10 @@ def run_bench(args: argparse.Namespace) -> dict:
               kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0, disable_log_stats=False,
               hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]})
 
-    def params(plan):
-        extra = {"steer": plan.to_json()} if plan else None
-        return SamplingParams(max_tokens=T, min_tokens=T, ignore_eos=True, temperature=0.0, extra_args=extra)
-
     decode_times: dict[str, list[list[float]]] = {}
 
     def engine_run(plans, name: str = "") -> float:
-        llm.reset_prefix_cache()
-        items = [{"prompt_token_ids": p, **({"cache_salt": pl.fingerprint()} if pl else {})}
-                 for p, pl in zip(prompts, plans)]
-        t0 = time.perf_counter()
-        outs = llm.generate(items, [params(pl) for pl in plans], use_tqdm=False)
-        dt = time.perf_counter() - t0
-        assert all(len(o.outputs[0].token_ids) == T for o in outs)
-        # each request's own decode time (engine timestamps), kept for the unsteered-rows comparison
-        decode_times.setdefault(name, []).append(
-            [o.metrics.last_token_ts - o.metrics.first_token_ts if o.metrics else float("nan") for o in outs])
-        return dt
+        return timed_generate(llm, prompts, plans, T, decode_times.setdefault(name, []))
 
     engine_run([None] * n)  # warm-up
     results: dict = {"config": {"model": model_dir.name, "steer": args.steer, "requests": n, "max_tokens": T,

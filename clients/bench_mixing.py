@@ -50,7 +50,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from steerserve.patches import STEERABLE_ARCHITECTURES
     from steerserve.patches.mixing import VARIANTS_ENV
@@ -60,7 +60,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
     from steerserve.server.schema import ModelInfo
     from steerserve.training.export import merge_full
 
-    from .bench import _prompts
+    from .bench import _prompts, timed_generate
 
     model_dir = Path(args.model) if args.model else ensure_embedded_model()
     info = ModelInfo.from_checkpoint(model_dir)
@@ -73,10 +73,6 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
     tuned_plan = SteerPlan(mixing=MixingPlan("v", "tuned", "tuned", via="weights", index=0))
     taia_plan = SteerPlan(mixing=MixingPlan("v", "tuned", "base", via="weights", index=0))
 
-    def params(plan):
-        extra = {"steer": plan.to_json()} if plan else None
-        return SamplingParams(max_tokens=T, min_tokens=T, ignore_eos=True, temperature=0.0, extra_args=extra)
-
     def measure(workloads: dict, label: str) -> tuple[dict, dict]:
         llm = LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=True, max_model_len=1024,
                   kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
@@ -84,15 +80,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
         decode: dict[str, list[list[float]]] = {}
 
         def run(plans, name):
-            llm.reset_prefix_cache()
-            items = [{"prompt_token_ids": p, **({"cache_salt": pl.fingerprint()} if pl else {})}
-                     for p, pl in zip(prompts, plans)]
-            t0 = time.perf_counter()
-            outs = llm.generate(items, [params(pl) for pl in plans], use_tqdm=False)
-            dt = time.perf_counter() - t0
-            decode.setdefault(name, []).append(
-                [o.metrics.last_token_ts - o.metrics.first_token_ts if o.metrics else float("nan") for o in outs])
-            return dt
+            return timed_generate(llm, prompts, plans, T, decode.setdefault(name, []))
 
         run([None] * n, "warm-up")
         times: dict[str, list[float]] = {k: [] for k in workloads}

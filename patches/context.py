@@ -19,6 +19,7 @@ import torch
 
 from . import infosteer
 from .context_attention import AttentionWork
+from .mixing import StepMixing
 from .plan import ContextAttentionPlan, InfoSteerPlan
 
 
@@ -56,11 +57,13 @@ class _Group:
 @dataclass
 class StepContext:
     """What to steer in one forward step: `ffn_groups[layer]` lists the InfoSteer groups of a layer;
-    `attention` holds the context-attention-steered requests (None when there are none)."""
+    `attention` holds the context-attention-steered requests, `mixing` the rows routed to tuned
+    variants' weights (each None when there are none)."""
 
     ffn_groups: dict[int, list[_Group]] = field(default_factory=dict)
     num_steered_requests: int = 0
     attention: AttentionWork | None = None
+    mixing: StepMixing | None = None
 
 
 _current: StepContext | None = None
@@ -85,25 +88,31 @@ def build_step_context(
     entries: list[tuple[InfoSteerPlan, int, int]],
     device: torch.device | str,
     attention_entries: list[tuple[ContextAttentionPlan, int, int, int]] = (),
+    mixing_entries: list[tuple[int, bool, bool, int, int, int]] = (),
+    num_reqs: int = 0,
 ) -> StepContext | None:
     """entries: (plan, start_row, end_row) per InfoSteer-steered request, rows of the flattened
     batch; attention_entries: (plan, batch_index, start_row, end_row) per context-attention-steered
-    request (batch_index: the request's index in the step's attention metadata).
+    request (batch_index: the request's index in the step's attention metadata); mixing_entries:
+    (variant, attention tuned, ffn tuned, batch_index, start_row, end_row) per request routed to a
+    variant's weights, of the step's `num_reqs` requests.
 
     Requests with the same layer set and mode share one group, so per-layer work is a handful of
     batched ops whatever the number of distinct configurations.
     """
     attention = AttentionWork.build(list(attention_entries), device) if attention_entries else None
-    if not entries and attention is None:
+    mixing = StepMixing.build(list(mixing_entries), num_reqs, device) if mixing_entries else None
+    if not entries and attention is None and mixing is None:
         return None
     if not entries:
-        return StepContext(num_steered_requests=len(attention.requests), attention=attention)
+        steered = len(attention.requests) if attention is not None else 0
+        return StepContext(num_steered_requests=steered, attention=attention, mixing=mixing)
     # (layers, mode) -> lists of row ranges and per-row parameters
     buckets: dict[tuple[tuple[int, ...], str], list[tuple[int, int, float, int]]] = {}
     for plan, start, end in entries:
         count = plan.k if plan.mode == "topk" else plan.m
         buckets.setdefault((plan.layers, plan.mode), []).append((start, end, plan.alpha, count))
-    ctx = StepContext(num_steered_requests=len(entries), attention=attention)
+    ctx = StepContext(num_steered_requests=len(entries), attention=attention, mixing=mixing)
     for (layers, mode), ranges in buckets.items():
         lengths = [end - start for start, end, _, _ in ranges]
         rows = torch.cat([torch.arange(s, e, dtype=torch.long) for s, e, _, _ in ranges])

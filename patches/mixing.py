@@ -15,13 +15,13 @@ variant's weights (same class, same kernels, weights loaded by vLLM's own weight
 tensor-parallel sharding is vLLM's) and overwritten. Sites whose variant weights equal the base's
 (e.g. the FFN of a TAIA export) have no shadow and cost nothing.
 
-This module is device-agnostic torch and holds the per-step routing state; the vLLM-specific parts
-(which modules are sites, loading weights, shadows) live in `vllm_adapter`.
+This module is device-agnostic torch: the per-step routing (`StepMixing`, carried by the step's
+`context.StepContext`) and the logits route; the vLLM-specific parts (which modules are sites,
+loading weights, shadows) live in `vllm_adapter`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -76,23 +76,6 @@ class StepMixing:
         for (comp, variant), rows in self.rows.items():
             if comp == component:
                 yield variant, rows, self.spans[(comp, variant)]
-
-
-_current: StepMixing | None = None
-
-
-def current() -> StepMixing | None:
-    return _current
-
-
-@contextlib.contextmanager
-def use_mixing(mix: StepMixing | None):
-    global _current
-    prev, _current = _current, mix
-    try:
-        yield
-    finally:
-        _current = prev
 
 
 def overwrite_rows_(out: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | None, new: torch.Tensor) -> None:

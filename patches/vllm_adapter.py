@@ -101,12 +101,12 @@ def install_runner_hook() -> None:
         _mixing.set_logits_route(None)
         if not ffn and not attention and not mixing:
             return original(self, *args, **kwargs)
-        ctx = build_step_context(ffn, self.device, attention) if ffn or attention else None
-        mix = _mixing.StepMixing.build(mixing, self.input_batch.num_reqs, self.device) if mixing else None
-        with use_step_context(ctx), _mixing.use_mixing(mix):
+        ctx = build_step_context(ffn, self.device, attention, mixing, self.input_batch.num_reqs)
+        with use_step_context(ctx):
             out = original(self, *args, **kwargs)
-        if mix is not None and isinstance(out, torch.Tensor):
-            _mixing.set_logits_route(_mixing.LogitsRoute(out, mix))
+        if ctx is not None and ctx.mixing is not None and isinstance(out, torch.Tensor):
+            # compute_logits runs after the forward: it routes the LM head by this step's rows
+            _mixing.set_logits_route(_mixing.LogitsRoute(out, ctx.mixing))
         return out
 
     setattr(_model_forward, _WRAPPED_MARK, True)
@@ -435,7 +435,8 @@ def _route_rows_(out: torch.Tensor, x: torch.Tensor, site: int) -> None:
     """Overwrite the rows of `out` that this step routes to a variant at `site`, computed by the
     site's shadow for that variant from `x` (the site's input, or for a norm with a residual the
     pre-norm sum)."""
-    mix = _mixing.current()
+    ctx = _context.current()
+    mix = ctx.mixing if ctx is not None else None
     if mix is None:
         return
     module = _sites[site]
@@ -463,7 +464,7 @@ def _(out: torch.Tensor, x: torch.Tensor, site: int) -> None:
 def route_rows_(out: torch.Tensor, x: torch.Tensor, site: int) -> None:
     if torch.compiler.is_compiling():
         route_rows_op_(out, x, site)
-    elif _mixing.current() is not None:
+    elif _context.current() is not None:
         _route_rows_(out, x, site)
 
 

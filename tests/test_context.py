@@ -102,3 +102,25 @@ def test_scale_with_per_row_alphas_equals_the_reference_formula():
         expected = x.clone()
         expected[group.rows] = infosteer.scale_rows(x[group.rows], group.alpha)
         assert torch.equal(y, expected)
+
+
+def test_step_mixing_rows_and_logits_route():
+    import torch
+
+    from steerserve.patches.mixing import LogitsRoute, StepMixing
+
+    # request 0: TAIA rows 0-3 (variant 0); request 1 unmixed rows 3-5; request 2: tuned rows 5-6 (variant 0);
+    # request 3: ffn-only rows 6-9 (variant 1)
+    mix = build_step_context([], "cpu", (), [(0, True, False, 0, 0, 3), (0, True, True, 2, 5, 6),
+                                             (1, False, True, 3, 6, 9)], num_reqs=4).mixing
+    assert isinstance(mix, StepMixing)
+    groups = {(c, v): (rows.tolist(), span) for c in ("attention", "ffn") for v, rows, span in mix.groups(c)}
+    assert groups == {("attention", 0): ([0, 1, 2, 5], None), ("ffn", 0): ([5], (5, 6)),
+                      ("ffn", 1): ([6, 7, 8], (6, 9))}
+    hidden = torch.randn(9, 4)
+    route = LogitsRoute(hidden, mix)
+    # sampled rows (a gathered copy, one per request): by request index, LM head = attention component
+    assert {v: r.tolist() for v, r in route.rows_for(hidden[torch.tensor([2, 4, 5, 8])]).items()} == {0: [0, 2]}
+    # a prompt-logprobs slice of the step's hidden states: by token offset
+    assert {v: r.tolist() for v, r in route.rows_for(hidden[2:6]).items()} == {0: [0, 3]}
+    assert route.rows_for(torch.randn(3, 4)) is None  # neither: not routed (logged by the adapter)
