@@ -22,3 +22,19 @@ def test_bench_runs_all_workloads(tiny_llama, tmp_path, steer, mixed):
     assert f"unsteered_rows_decode_time_{mixed}_over_plain" in results["ratios"]
     assert all(r["tok_per_s"] > 0 for r in results["runs"].values())
     assert "engine_vs_hf_distinct_configs" in results["ratios"] and out.exists()
+
+
+def test_mixing_bench_runs(tiny_llama, tmp_path):
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    out = tmp_path / "bench.json"
+    args = p.parse_args(["--model", str(tiny_llama), "--requests", "4", "--max-tokens", "4", "--dtype", "float32",
+                         "--out", str(out), "--steer", "mixing", "--repeats", "1"])
+    results = run_bench(args)
+    assert set(results["tok_per_s"]) == {
+        "no_variants_plain", "no_variants_plain_control", "variant_loaded_plain", "variant_loaded_all_tuned",
+        "variant_loaded_all_taia", "variant_loaded_tuned_taia_half", "variant_loaded_quarter_taia",
+        "hf_two_models_two_batches"}
+    assert all(v > 0 for v in results["tok_per_s"].values())
+    assert all(v == v for v in results["ratios"].values()), results["ratios"]  # no NaN
+    assert "taia_vs_tuned_rows_in_one_half_half_batch" in results["ratios"] and out.exists()
