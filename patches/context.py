@@ -90,18 +90,19 @@ def build_step_context(
     attention_entries: list[tuple[ContextAttentionPlan, int, int, int]] = (),
     mixing_entries: list[tuple[int, bool, bool, int, int, int]] = (),
     num_reqs: int = 0,
+    num_tokens: int = -1,
 ) -> StepContext | None:
     """entries: (plan, start_row, end_row) per InfoSteer-steered request, rows of the flattened
     batch; attention_entries: (plan, batch_index, start_row, end_row) per context-attention-steered
     request (batch_index: the request's index in the step's attention metadata); mixing_entries:
     (variant, attention tuned, ffn tuned, batch_index, start_row, end_row) per request routed to a
-    variant's weights, of the step's `num_reqs` requests.
+    variant's weights, of the step's `num_reqs` requests and `num_tokens` token rows.
 
     Requests with the same layer set and mode share one group, so per-layer work is a handful of
     batched ops whatever the number of distinct configurations.
     """
     attention = AttentionWork.build(list(attention_entries), device) if attention_entries else None
-    mixing = StepMixing.build(list(mixing_entries), num_reqs, device) if mixing_entries else None
+    mixing = StepMixing.build(list(mixing_entries), num_reqs, device, num_tokens) if mixing_entries else None
     if not entries and attention is None and mixing is None:
         return None
     if not entries:

@@ -48,13 +48,18 @@ class StepMixing:
     token_rows: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # variant -> [(start, end)]
     request_rows: dict[int, list[int]] = field(default_factory=dict)  # variant -> batch indices
     num_reqs: int = 0
+    num_tokens: int = 0
+    # component -> the variant whose rows are every row of the step (then a site runs only its
+    # shadow: no base computation to overwrite, and no unmixed row whose result could change)
+    whole: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, entries: list[tuple[int, bool, bool, int, int, int]], num_reqs: int,
-              device: torch.device | str) -> StepMixing | None:
-        """entries: (variant, attention_tuned, ffn_tuned, batch_index, start_row, end_row)."""
+              device: torch.device | str, num_tokens: int = -1) -> StepMixing | None:
+        """entries: (variant, attention_tuned, ffn_tuned, batch_index, start_row, end_row);
+        num_tokens: the step's token rows (-1: unknown, never whole)."""
         by_key: dict[tuple[str, int], list[tuple[int, int]]] = {}
-        mix = cls(num_reqs=num_reqs)
+        mix = cls(num_reqs=num_reqs, num_tokens=num_tokens)
         for variant, attention, ffn, index, start, end in entries:
             if attention:
                 by_key.setdefault(("attention", variant), []).append((start, end))
@@ -69,7 +74,14 @@ class StepMixing:
             contiguous = all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
             mix.spans[key] = (ranges[0][0], ranges[-1][1]) if contiguous else None
             mix.rows[key] = torch.cat([torch.arange(s, e, dtype=torch.long) for s, e in ranges]).to(device)
+            if mix.spans[key] == (0, num_tokens):
+                mix.whole[key[0]] = key[1]
         return mix
+
+    def whole_variant(self, component: str, num_rows: int) -> int | None:
+        """The variant that owns every one of the `num_rows` rows a site sees, if one does."""
+        variant = self.whole.get(component)
+        return variant if variant is not None and num_rows == self.num_tokens else None
 
     def groups(self, component: str):
         """(variant, rows tensor, contiguous span or None) for the component's routed rows."""
@@ -113,7 +125,8 @@ class LogitsRoute:
                     out[variant] = torch.tensor(idx, dtype=torch.long, device=hidden_states.device)
             return out
         if hidden_states.shape[0] == self.mix.num_reqs:
-            # the sampled rows: one per request, in batch order
+            # the sampled rows: one per request, in batch order (all of them when the attention
+            # component is whole: then `compute_logits` used the variant's head directly)
             for variant, idx in self.mix.request_rows.items():
                 out[variant] = torch.tensor(idx, dtype=torch.long, device=hidden_states.device)
             return out

@@ -12,7 +12,9 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from .mixing import full_variants_from_env
-from .vllm_adapter import load_variant_weights, make_attention_steerable, make_mlps_steerable, route_logits_
+from .vllm_adapter import (
+    load_variant_weights, make_attention_steerable, make_mlps_steerable, route_logits_, whole_logits,
+)
 
 
 class _SteerableMixin:
@@ -32,6 +34,9 @@ class _SteerableMixin:
         return loaded
 
     def compute_logits(self, hidden_states):
+        whole = whole_logits(self, hidden_states)
+        if whole is not None:
+            return whole
         logits = super().compute_logits(hidden_states)
         route_logits_(self, hidden_states, logits)
         return logits

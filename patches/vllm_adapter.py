@@ -101,7 +101,8 @@ def install_runner_hook() -> None:
         _mixing.set_logits_route(None)
         if not ffn and not attention and not mixing:
             return original(self, *args, **kwargs)
-        ctx = build_step_context(ffn, self.device, attention, mixing, self.input_batch.num_reqs)
+        num_reqs = self.input_batch.num_reqs
+        ctx = build_step_context(ffn, self.device, attention, mixing, num_reqs, int(self.query_start_loc.np[num_reqs]))
         with use_step_context(ctx):
             out = original(self, *args, **kwargs)
         if ctx is not None and ctx.mixing is not None and isinstance(out, torch.Tensor):
@@ -468,8 +469,24 @@ def route_rows_(out: torch.Tensor, x: torch.Tensor, site: int) -> None:
         _route_rows_(out, x, site)
 
 
+def _whole_shadow(module: torch.nn.Module, num_rows: int) -> torch.nn.Module | None:
+    """Eager steps where one variant owns every row of this site's component: its shadow, which
+    then runs alone (nothing to overwrite: no unmixed row exists). None otherwise, and always under
+    torch.compile (there the registered op overwrites after the plain forward)."""
+    if torch.compiler.is_compiling():
+        return None
+    ctx = _context.current()
+    mix = ctx.mixing if ctx is not None else None
+    if mix is None:
+        return None
+    variant = mix.whole_variant(module.steer_component, num_rows)
+    return shadow_for(module, variant) if variant is not None else None
+
+
 class _MixableLinearMixin:
     def forward(self, x):
+        if self.steer_routed and (shadow := _whole_shadow(self, x.shape[0])) is not None:
+            return shadow(x)
         result = super().forward(x)
         if self.steer_routed:
             route_rows_(result[0] if isinstance(result, tuple) else result, x, self.steer_site)
@@ -480,6 +497,8 @@ class _MixableNormMixin:
     def forward(self, x, residual=None):
         if not self.steer_routed:
             return super().forward(x, residual)
+        if (shadow := _whole_shadow(self, x.shape[0])) is not None:
+            return shadow(x) if residual is None else shadow(x, residual)
         if residual is None:
             out = super().forward(x)
             route_rows_(out, x, self.steer_site)
@@ -491,6 +510,8 @@ class _MixableNormMixin:
 
 class _MixableEmbeddingMixin:
     def forward(self, input_):
+        if self.steer_routed and (shadow := _whole_shadow(self, input_.shape[0])) is not None:
+            return shadow(input_)
         out = super().forward(input_)
         if self.steer_routed:
             route_rows_(out, input_, self.steer_site)
@@ -617,6 +638,24 @@ def shadow_for(module: torch.nn.Module, variant: int) -> torch.nn.Module | None:
 
 def lm_head_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.lm_head
+
+
+def whole_logits(model: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """Logits from the variant's LM head alone when one variant's attention component owns every
+    request of the step and these are the sampled rows (else None: compute as usual, then route)."""
+    route = _mixing.logits_route()
+    head = lm_head_module(model)
+    if route is None or not getattr(head, "steer_routed", False):
+        return None
+    variant = route.mix.whole.get("attention")
+    if variant is None or hidden_states.shape[0] != route.mix.num_reqs:
+        return None
+    if set(route.mix.request_rows.get(variant, ())) != set(range(route.mix.num_reqs)):
+        return None
+    if hidden_states.untyped_storage().data_ptr() == route.hidden.untyped_storage().data_ptr():
+        return None  # a slice of the step's hidden states (prompt logprobs): routed per row instead
+    shadow = shadow_for(head, variant)
+    return model.logits_processor(shadow, hidden_states) if shadow is not None else None
 
 
 def route_logits_(model: torch.nn.Module, hidden_states: torch.Tensor, logits: torch.Tensor | None) -> None:

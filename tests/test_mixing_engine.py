@@ -58,3 +58,16 @@ def test_base_base_and_prompt_logprobs(llm, family):
         logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     ref = [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
     assert max(abs(a - b) for a, b in zip(got, ref)) < LOGPROB_TOL
+
+
+def test_batches_wholly_of_one_mix(llm, family):
+    """When one variant owns every row of a component, sites run only its shadow (no base pass to
+    overwrite): still equal to the exported checkpoints."""
+    from steerserve.patches.reference import token_logprobs
+
+    for kind, name in ((("tuned", "tuned"), "tuned"), (("tuned", "base"), "taia"), (("base", "tuned"), "ffn-only")):
+        outs = run(llm, [(t, mix(*kind)) for t in PROMPTS[:3]], max_tokens=8)
+        model = hf(family[name])
+        for toks, lps, prompt_ids, _ in outs:
+            ref = token_logprobs(model, prompt_ids, toks, None)
+            assert max(abs(a - b) for a, b in zip(lps, ref)) < LOGPROB_TOL, name
