@@ -592,9 +592,11 @@ def load_variant_weights(model: torch.nn.Module, load_weights, variants: list[di
                     index, variant["name"], differing, len(sites))
     for _, module, _ in sites:
         module.steer_routed = bool(module.steer_variants)
+        module.steer_base_class = type(module)
+        for index in list(module.steer_variants):
+            shadow_for(module, index)  # built now: errors surface at start-up, not in a request
         if module.steer_routed:
             cls = _mixable_class(module)
-            module.steer_base_class = type(module)
             if cls is not None:
                 module.__class__ = cls
             module.steer_site = len(_sites)
@@ -603,7 +605,7 @@ def load_variant_weights(model: torch.nn.Module, load_weights, variants: list[di
 
 def shadow_for(module: torch.nn.Module, variant: int) -> torch.nn.Module | None:
     """The module's copy holding `variant`'s weights, processed by the module's own quant method
-    (built once, at first use); None when the variant's weights equal the base's here."""
+    (built once, when the variants load); None when the variant's weights equal the base's here."""
     if variant in module.steer_shadows:
         return module.steer_shadows[variant]
     tensors = module.steer_variants.get(variant)
