@@ -179,7 +179,8 @@ class Family:
                 continue
             for label, suffix in (("tuned", ""), *ALIAS_SUFFIXES.items()):
                 out.append({"id": v.name + suffix, "object": "model", "owned_by": "steerserve", "root": v.path,
-                            "parent": self.base_name, "steerserve": {"variant": v.name, "mixing": label}})
+                            "parent": self.base_name,
+                            "steerserve": {"variant": v.name, "mixing": label, "kind": "full"}})
         return out
 
 

@@ -71,7 +71,7 @@ def test_models_list_the_family(full_server):
     data = httpx.get(f"{full_server}/v1/models").json()["data"]
     ids = {m["id"]: m for m in data}
     assert {"tiny", "chat", "chat:taia", "chat:ffn-only"} <= set(ids)
-    assert ids["chat:taia"]["steerserve"] == {"variant": "chat", "mixing": "taia"}
+    assert ids["chat:taia"]["steerserve"] == {"variant": "chat", "mixing": "taia", "kind": "full"}
     assert ids["chat"]["parent"] == "tiny"
 
 
