@@ -141,8 +141,8 @@ class Family:
             raise MixingError(FIELD, f"must be a string or an object, got {type(raw).__name__}")
         label = next(k for k, v in LABELS.items() if v == (attention, ffn))
         if not self.variants:
-            raise MixingError(FIELD, f"model {self.base_name!r} has no tuned variant loaded (start the server "
-                                     "with --variant NAME=PATH)")
+            who = f"model {self.base_name!r}" if self.base_name else "the served model"
+            raise MixingError(FIELD, f"{who} has no tuned variant loaded (start the server with --variant NAME=PATH)")
         if name is not None:
             if name not in self.variants:
                 raise MixingError(f"{FIELD}.variant", f"unknown variant {name!r}; loaded: "

@@ -10,7 +10,7 @@ stages, both reported as HTTP 400 naming the field and the allowed values:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -76,7 +76,8 @@ class SteerSpec(BaseModel):
     experiment: str | None = Field(None, description="name of a server-side A/B experiment (alone)")
     infosteer: InfoSteerSpec | None = None
     context_attention: ContextAttentionSpec | None = None
-    mixing: str | dict | None = Field(
+    # any JSON value here: its shape is checked by `family.Family.resolve`, which names the field
+    mixing: Any = Field(
         None, description='TAIA parameter mixing with a tuned variant: "taia", "tuned", "base", "ffn-only" or '
         '{"variant": name, "attention": "tuned"|"base", "ffn": "tuned"|"base"} (see README, "Model families")')
     context_indicator: bool | None = Field(

@@ -46,7 +46,7 @@ def test_fingerprint_is_stable_and_canonical():
     ({"infosteer": {"alpha": 1.5, "mode": "lift", "p": 0.0001}}, "steer.infosteer.p", "allowed range"),
     ({"infosteer": {"alpha": 1.5, "p": 0.1}}, "steer.infosteer.p", 'only applies to mode "lift"'),
     ({"infosteer": {"alpha": 1.5, "bogus": 1}}, "steer.infosteer.bogus", "allowed keys: alpha, k, layers, mode, p"),
-    ({"other": {}}, "steer.other", "allowed keys: context_attention, experiment, infosteer, profile"),
+    ({"other": {}}, "steer.other", "allowed keys: context_attention, context_indicator, experiment, infosteer, mixing, profile"),
     ({"infosteer": 3}, "steer.infosteer", "must be an object"),
     ("text", "steer", "must be an object"),
 ])
