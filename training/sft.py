@@ -130,8 +130,8 @@ def run_sft(args: argparse.Namespace) -> SftResult:
     if not _ckpt.is_full_checkpoint(base):
         raise SystemExit(f"--base: {base} is not a checkpoint folder (config.json + *.safetensors)")
     out = Path(args.out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not args.resume and not (out / "checkpoints").exists():
-        raise SystemExit(f"--out: {out} exists and is not empty (choose another folder)")
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise SystemExit(f"--out: {out} exists and is not empty (choose another folder, or --resume a run there)")
     if args.batch_size % args.micro_batch:
         raise SystemExit(f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})")
     out.mkdir(parents=True, exist_ok=True)
