@@ -79,6 +79,20 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def interleaved_rounds(workloads: dict, repeats: int, run, tokens: int, label: str) -> dict[str, list[float]]:
+    """`run(plans, name)` for every workload once per round, `repeats` rounds, the order rotated
+    each round so no workload always runs first; returns the wall times per workload. Ratios are
+    then taken within a round and the median taken over rounds: this machine's speed drifts by
+    several % between minutes."""
+    times: dict[str, list[float]] = {name: [] for name in workloads}
+    names = list(workloads)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(run(workloads[name], name))
+            _log(f"{label} {name} (round {r + 1}/{repeats}): {tokens / times[name][-1]:.1f} tok/s")
+    return times
+
+
 def timed_generate(llm, prompts: list[list[int]], plans: list, max_tokens: int, decode_log: list) -> float:
     """One engine run: every prompt with its plan (or None), exactly `max_tokens` greedy tokens each,
     submitted at once on a cold prefix cache. Returns the wall time; appends each request's own
@@ -176,15 +190,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     results: dict = {"config": {"model": model_dir.name, "steer": args.steer, "requests": n, "max_tokens": T,
                                 "prompt_tokens_mean": round(sum(map(len, prompts)) / n, 1), "dtype": args.dtype,
                                 "compiled": args.compile, "torch_threads": torch.get_num_threads()}, "runs": {}}
-    # Repeats are interleaved (every workload once per round, the order rotated each round so no
-    # workload always runs first) and ratios are taken within a round, then the median over rounds:
-    # this machine's speed drifts by several % between minutes.
-    times: dict[str, list[float]] = {name: [] for name in workloads}
-    names = list(workloads)
-    for r in range(args.repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(engine_run(workloads[name], name))
-            _log(f"engine {name} (round {r + 1}/{args.repeats}): {n * T / times[name][-1]:.1f} tok/s")
+    times = interleaved_rounds(workloads, args.repeats, engine_run, n * T, "engine")
     for name, dts in times.items():
         mid = statistics.median(dts)
         results["runs"][f"engine_{name}"] = {

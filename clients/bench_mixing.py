@@ -60,7 +60,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
     from steerserve.server.schema import ModelInfo
     from steerserve.training.export import merge_full
 
-    from .bench import _prompts, timed_generate
+    from .bench import _prompts, interleaved_rounds, timed_generate
 
     model_dir = Path(args.model) if args.model else ensure_embedded_model()
     info = ModelInfo.from_checkpoint(model_dir)
@@ -84,12 +84,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
             return timed_generate(llm, prompts, plans, T, decode.setdefault(name, []))
 
         run([None] * n, "warm-up")
-        times: dict[str, list[float]] = {k: [] for k in workloads}
-        names = list(workloads)
-        for r in range(args.repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(run(workloads[name], name))
-                _log(f"{label} {name} (round {r + 1}/{args.repeats}): {n * T / times[name][-1]:.1f} tok/s")
+        times = interleaved_rounds(workloads, args.repeats, run, n * T, label)
         shutdown_engine(llm)
         return times, decode
 

@@ -28,6 +28,7 @@ Runs in every process that loads the plugin; the wrapper only does work in the w
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -560,7 +561,7 @@ def load_variant_weights(model: torch.nn.Module, load_weights, variants: list[di
         module.steer_shadows = {}
     for index, variant in enumerate(variants):
         folder = variant["path"]
-        files = sorted(__import__("pathlib").Path(folder).glob("*.safetensors"))
+        files = sorted(Path(folder).glob("*.safetensors"))
 
         def weights():
             for f in files:

@@ -145,7 +145,7 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
     plan = normalise(raw, state.steerserve_model_info, config.head_sets, endpoint, model=requested_model)
     response_model = None
     if plan.mixing is not None:
-        served = plan.mixing.adapter if plan.mixing.via == "lora" and plan.mixing.adapter else family.current().base_name
+        served = family.current().served_name(plan.mixing)
         if served and served != requested_model:
             request.model = served  # the name vLLM serves the mix under (a LoRA adapter or the base)
             response_model = requested_model or plan.mixing.variant

@@ -111,11 +111,15 @@ class Family:
             variant, label = self._parse(raw, named, implied)
         attention, ffn = LABELS[label]
         if variant.kind == "lora":
-            served = variant.adapters.get(label)
-            plan = MixingPlan(variant.name, attention, ffn, via="lora", adapter=served)
-            return plan, served or self.base_name
-        plan = MixingPlan(variant.name, attention, ffn, via="weights", index=variant.index)
-        return plan, self.base_name
+            plan = MixingPlan(variant.name, attention, ffn, via="lora", adapter=variant.adapters.get(label))
+        else:
+            plan = MixingPlan(variant.name, attention, ffn, via="weights", index=variant.index)
+        return plan, self.served_name(plan)
+
+    def served_name(self, plan: MixingPlan) -> str:
+        """The model name vLLM serves a mix under: its LoRA adapter, else the base (full variants'
+        mixes are routed inside the base's engine; a LoRA "base" mix has no adapter)."""
+        return plan.adapter if plan.via == "lora" and plan.adapter else self.base_name
 
     def _parse(self, raw, named: Variant | None, implied: str | None) -> tuple[Variant, str]:
         if implied is not None:

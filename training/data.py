@@ -159,15 +159,20 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def assistant_char_ranges(tokenizer, messages: list[dict], text: str, **template_kwargs) -> list[tuple[int, int]]:
-    """Character ranges of `text` (the chat rendered by `tokenizer`) that the loss covers: each
-    assistant message's content plus the end-of-turn token string right after it."""
-    sentinel = tokenizer.apply_chat_template(_spans.sentinel_messages(messages), tokenize=False, **template_kwargs)
-    contents = {i: m["content"] for i, m in enumerate(messages)}
+def message_char_ranges(tokenizer, messages: list[dict], text: str) -> dict[int, tuple[int, int]]:
+    """Each message's content range in `text` (the chat rendered by `tokenizer`), found with the
+    server's sentinel rendering; raises DataError when the template rewrites message text."""
+    sentinel = tokenizer.apply_chat_template(_spans.sentinel_messages(messages), tokenize=False)
     try:
-        ranges = _spans.message_ranges(text, sentinel, contents)
+        return _spans.message_ranges(text, sentinel, {i: m["content"] for i, m in enumerate(messages)})
     except _spans.SpanError as err:
         raise DataError(f"cannot locate the messages in the rendered chat: {err.message}") from None
+
+
+def assistant_char_ranges(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character ranges of `text` (the chat rendered by `tokenizer`) that the loss covers: each
+    assistant message's content plus the end-of-turn token string right after it."""
+    ranges = message_char_ranges(tokenizer, messages, text)
     eos = tokenizer.eos_token or ""
     out = []
     for i, m in enumerate(messages):

@@ -18,6 +18,7 @@ Every export carries `steerserve.json` naming its base (path and content digest)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -103,31 +104,30 @@ def merge_full(tuned: str | Path, base: str | Path, out: str | Path, attention: 
     for c in (attention, ffn):
         if c not in ("tuned", "base"):
             raise ValueError(c)
-    base_index: dict[str, Path] = {}
-    for f in sorted(base.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            for k in fh.keys():
-                base_index[k] = f
     out.mkdir(parents=True, exist_ok=True)
     taken = {"tuned": 0, "base": 0}
-    for f in sorted(tuned.glob("*.safetensors")):
-        tensors = {}
-        with safe_open(f, framework="pt") as fh:
-            meta = fh.metadata()
-            for k in fh.keys():
-                t = fh.get_tensor(k)
-                source = ffn if component_of(k) == "ffn" else attention
-                if source == "base":
-                    if k not in base_index:
-                        raise _ckpt.CheckpointError(f"{base}: has no tensor {k} (not this checkpoint's base)")
-                    with safe_open(base_index[k], framework="pt") as bh:
-                        b = bh.get_tensor(k)
-                    if b.shape != t.shape:
-                        raise _ckpt.CheckpointError(f"{k}: base shape {tuple(b.shape)} != tuned {tuple(t.shape)}")
-                    t = b.to(t.dtype)
-                taken[source] += 1
-                tensors[k] = t.contiguous()
-        save_file(tensors, out / f.name, metadata=meta)
+    with contextlib.ExitStack() as stack:
+        base_index = {}  # tensor name -> the open base file holding it (each file opened once)
+        for f in sorted(base.glob("*.safetensors")):
+            bh = stack.enter_context(safe_open(f, framework="pt"))
+            base_index.update(dict.fromkeys(bh.keys(), bh))
+        for f in sorted(tuned.glob("*.safetensors")):
+            tensors = {}
+            with safe_open(f, framework="pt") as fh:
+                meta = fh.metadata()
+                for k in fh.keys():
+                    t = fh.get_tensor(k)
+                    source = ffn if component_of(k) == "ffn" else attention
+                    if source == "base":
+                        if k not in base_index:
+                            raise _ckpt.CheckpointError(f"{base}: has no tensor {k} (not this checkpoint's base)")
+                        b = base_index[k].get_tensor(k)
+                        if b.shape != t.shape:
+                            raise _ckpt.CheckpointError(f"{k}: base shape {tuple(b.shape)} != tuned {tuple(t.shape)}")
+                        t = b.to(t.dtype)
+                    taken[source] += 1
+                    tensors[k] = t.contiguous()
+            save_file(tensors, out / f.name, metadata=meta)
     for name in ("config.json", "model.safetensors.index.json"):
         if (tuned / name).exists():
             shutil.copy2(tuned / name, out / name)

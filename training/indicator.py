@@ -22,23 +22,23 @@ from tqdm import tqdm
 
 from steerserve.server import spans as _spans
 
+from .data import message_char_ranges
+
 DEFAULT_TEXT = " [ctx]"
 
 
 def _user_and_response_positions(tokenizer, messages: list[dict], max_len: int):
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    sentinel = tokenizer.apply_chat_template(_spans.sentinel_messages(messages), tokenize=False)
-    ranges = _spans.message_ranges(text, sentinel, {i: m["content"] for i, m in enumerate(messages)})
+    ranges = message_char_ranges(tokenizer, messages, text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])[:max_len]
     offsets = enc["offset_mapping"][:max_len]
-    user = [ranges[i] for i, m in enumerate(messages) if m["role"] == "user" and i in ranges]
-    resp = [ranges[i] for i, m in enumerate(messages) if m["role"] == "assistant" and i in ranges]
 
-    def hits(rs):
-        return [t for t, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in rs)]
+    def positions(role: str) -> list[int]:
+        chars = [ranges[i] for i, m in enumerate(messages) if m["role"] == role and i in ranges]
+        return [t for start, end in _spans.token_spans(offsets, chars) for t in range(start, end)]
 
-    return ids, hits(user), hits(resp)
+    return ids, positions("user"), positions("assistant")
 
 
 @torch.no_grad()
