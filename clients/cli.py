@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
 
     add_train_eval_args(train_sub.add_parser(
         "eval", help="base vs tuned vs TAIA on offline multiple-choice sets (ARC, SciQ, BoolQ)"))
+    from steerserve.training.proxy_demo import add_demo_args
+
+    add_demo_args(train_sub.add_parser(
+        "proxy-demo", help="build a proxy-tuning family: derived anti-expert, its tuned expert, a tuned base"))
 
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
 
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
             from steerserve.training.evaluate import run_eval
 
             run_eval(args)
+        elif args.train_command == "proxy-demo":
+            from steerserve.training.proxy_demo import run_demo
+
+            run_demo(args)
         else:
             from steerserve.training.export import export_taia
 

@@ -123,16 +123,29 @@ class MixingPlan:
 
 
 @dataclass(frozen=True)
+class ProxyPlan:
+    """Proxy tuning: next-token logits = base + alpha * (expert - anti_expert) with the server's
+    proxy pair `pair`. With alpha 0 the engine runs no expert for the request: plain base output."""
+
+    pair: str
+    alpha: float
+
+    def echo(self) -> dict:
+        return {"steer": "proxy", "pair": self.pair, "alpha": self.alpha}
+
+
+@dataclass(frozen=True)
 class SteerPlan:
     infosteer: InfoSteerPlan | None = None
     context_attention: ContextAttentionPlan | None = None
     mixing: MixingPlan | None = None
     context_indicator: str | None = None  # the indicator text appended to user turns (echo only)
+    proxy: ProxyPlan | None = None
 
     @property
     def is_empty(self) -> bool:
         return self.infosteer is None and self.context_attention is None and self.mixing is None \
-            and self.context_indicator is None
+            and self.context_indicator is None and self.proxy is None
 
     def to_json(self) -> str:
         body = {k: v for k, v in asdict(self).items() if v is not None}
@@ -144,7 +157,7 @@ class SteerPlan:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def applied(self) -> list[dict]:
-        out = [p.echo() for p in (self.infosteer, self.context_attention, self.mixing) if p is not None]
+        out = [p.echo() for p in (self.infosteer, self.context_attention, self.mixing, self.proxy) if p is not None]
         if self.context_indicator is not None:
             out.append({"steer": "context_indicator", "text": self.context_indicator})
         return out
@@ -173,5 +186,8 @@ def parse_plan(text: str) -> SteerPlan:
     mixing = body.get("mixing")
     if mixing is not None:
         mixing = MixingPlan(**mixing)
+    proxy = body.get("proxy")
+    if proxy is not None:
+        proxy = ProxyPlan(**proxy)
     return SteerPlan(infosteer=info, context_attention=ctx, mixing=mixing,
-                     context_indicator=body.get("context_indicator"))
+                     context_indicator=body.get("context_indicator"), proxy=proxy)

@@ -35,6 +35,7 @@ import torch
 
 from . import context as _context
 from . import mixing as _mixing
+from . import proxy as _proxy
 from .context import build_step_context, ffn_steer, use_step_context
 from .context_attention import CpuPagedKV, FlashPagedKV, PagedKV
 from .plan import EXTRA_ARGS_KEY, parse_plan
@@ -44,17 +45,19 @@ logger = logging.getLogger("steerserve")
 _WRAPPED_MARK = "_steerserve_wrapped"
 
 
-def steered_row_entries(runner: Any) -> tuple[list, list, list]:
+def steered_row_entries(runner: Any) -> tuple[list, list, list, list]:
     """This step's steered requests, read from the runner:
     ([(InfoSteerPlan, start_row, end_row)], [(ContextAttentionPlan, batch_index, start_row, end_row)],
-    [(variant index, attention tuned, ffn tuned, batch_index, start_row, end_row)])."""
+    [(variant index, attention tuned, ffn tuned, batch_index, start_row, end_row)],
+    [(proxy pair, alpha, batch_index, start_row, end_row)] (alpha != 0))."""
     batch = runner.input_batch
     num_reqs = batch.num_reqs
     ffn: list = []
     attention: list = []
     mixing: list = []
+    proxy: list = []
     if num_reqs == 0:
-        return ffn, attention, mixing
+        return ffn, attention, mixing, proxy
     qsl = runner.query_start_loc.np
     requests = runner.requests
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
@@ -75,6 +78,8 @@ def steered_row_entries(runner: Any) -> tuple[list, list, list]:
         mix = plan.mixing
         if mix is not None and mix.routes:
             mixing.append((mix.index, mix.attention == "tuned", mix.ffn == "tuned", i, start, end))
+        if plan.proxy is not None and plan.proxy.alpha != 0:
+            proxy.append((plan.proxy.pair, plan.proxy.alpha, i, start, end))
         ctx = plan.context_attention
         if ctx is not None:
             prompt_len = getattr(state, "num_prompt_tokens", None)
@@ -86,7 +91,7 @@ def steered_row_entries(runner: Any) -> tuple[list, list, list]:
                              ctx.prompt_len, prompt_len)
                 continue
             attention.append((ctx, i, start, end))
-    return ffn, attention, mixing
+    return ffn, attention, mixing, proxy
 
 
 def install_runner_hook() -> None:
@@ -98,18 +103,32 @@ def install_runner_hook() -> None:
         return
 
     def _model_forward(self, *args, **kwargs):
-        ffn, attention, mixing = steered_row_entries(self)
+        ffn, attention, mixing, proxy = steered_row_entries(self)
         _mixing.set_logits_route(None)
-        if not ffn and not attention and not mixing:
-            return original(self, *args, **kwargs)
-        num_reqs = self.input_batch.num_reqs
-        ctx = build_step_context(ffn, self.device, attention, mixing, num_reqs, int(self.query_start_loc.np[num_reqs]))
-        with use_step_context(ctx):
-            out = original(self, *args, **kwargs)
-        if ctx is not None and ctx.mixing is not None and isinstance(out, torch.Tensor):
-            # compute_logits runs after the forward: it routes the LM head by this step's rows
-            _mixing.set_logits_route(_mixing.LogitsRoute(out, ctx.mixing))
-        return out
+        _proxy.set_route(None)
+        try:
+            if not ffn and not attention and not mixing and not proxy:
+                return original(self, *args, **kwargs)
+            num_reqs = self.input_batch.num_reqs
+            num_tokens = int(self.query_start_loc.np[num_reqs])
+            ctx = build_step_context(ffn, self.device, attention, mixing, num_reqs, num_tokens)
+            with use_step_context(ctx):
+                out = original(self, *args, **kwargs)
+            if ctx is not None and ctx.mixing is not None and isinstance(out, torch.Tensor):
+                # compute_logits runs after the forward: it routes the LM head by this step's rows
+                _mixing.set_logits_route(_mixing.LogitsRoute(out, ctx.mixing))
+            if proxy and isinstance(out, torch.Tensor):
+                input_ids = kwargs.get("input_ids", args[0] if args else None)
+                positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+                try:
+                    _proxy.set_route(run_proxy_experts(self.get_model(), proxy, input_ids, positions,
+                                                       out[:num_tokens], num_reqs))
+                except Exception:  # noqa: BLE001 - never take the engine (and every request) down
+                    logger.exception("steerserve: running the proxy experts failed; this step's proxy "
+                                     "requests get the base's logits")
+            return out
+        finally:
+            _step_metadata.clear()
 
     setattr(_model_forward, _WRAPPED_MARK, True)
     _model_forward.__wrapped__ = original
@@ -681,3 +700,294 @@ def route_logits_(model: torch.nn.Module, hidden_states: torch.Tensor, logits: t
             continue
         new = model.logits_processor(shadow, hidden_states.index_select(0, idx))
         logits.index_copy_(0, idx, new.to(logits.dtype))
+
+
+# --- 8. Proxy tuning: expert / anti-expert sub-models (see patches/proxy.py) -----------------------
+#
+# Surfaces: vLLM's Llama/Qwen2 `ForCausalLM` classes built a second time with another HF config
+# (`VllmConfig` / `ModelConfig` shallow copies with `hf_config` replaced, under
+# `set_current_vllm_config`), their `load_weights` and `compute_logits`, the model's inner
+# `.model(input_ids, positions)`, the `support_torch_compile` wrapper's `do_not_compile` flag (the
+# sub-models run eagerly, on a varying subset of rows), the forward context's per-layer
+# `attn_metadata` and `slot_mapping` dicts, `AttentionGroup.build_metadata` (wrapped to see each step's
+# `CommonAttentionMetadata`), that dataclass's fields (cut to the proxy requests by
+# `subset_common_metadata`) and `extract_layer_index` (one integer per layer name: pair names
+# become module names without a bare integer segment).
+
+PROXY_ATTR = "steer_proxy"
+_PROXY_CLASSES = {"LlamaForCausalLM": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
+                  "Qwen2ForCausalLM": ("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM")}
+PROXY_ROLES = ("expert", "anti_expert")
+
+
+def proxy_module_key(name: str) -> str:
+    """Module name of a pair (a ModuleDict key: no '.', never a bare integer)."""
+    return "pair_" + name.replace(".", "_")
+
+
+def build_proxy_models(model: torch.nn.Module, vllm_config: Any, pairs: list[dict]) -> None:
+    """Build each pair's expert and anti-expert as sub-models of `model` (`model.steer_proxy`),
+    with their own HF configs, registered under distinct prefixes so vLLM gives every one of their
+    attention layers a KV cache. Called at the end of the model's __init__."""
+    import copy
+    import importlib
+
+    from transformers import AutoConfig
+    from vllm.config import set_current_vllm_config
+
+    holders = torch.nn.ModuleDict()
+    for pair in pairs:
+        holder = torch.nn.Module()
+        key = proxy_module_key(pair["name"])
+        for role in PROXY_ROLES:
+            hf_config = AutoConfig.from_pretrained(pair[role])
+            arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+            if arch not in _PROXY_CLASSES:
+                raise ValueError(f"proxy pair {pair['name']!r}: {role} {pair[role]} is a {arch}; supported: "
+                                 f"{', '.join(_PROXY_CLASSES)}")
+            module_name, cls_name = _PROXY_CLASSES[arch]
+            cls = getattr(importlib.import_module(module_name), cls_name)
+            sub_model_config = copy.copy(vllm_config.model_config)
+            sub_model_config.hf_config = hf_config
+            sub_model_config.hf_text_config = hf_config
+            sub_config = copy.copy(vllm_config)
+            sub_config.model_config = sub_model_config
+            with set_current_vllm_config(sub_config):
+                sub = cls(vllm_config=sub_config, prefix=f"{PROXY_ATTR}.{key}.{role}")
+            inner = getattr(sub, "model", None)
+            if hasattr(inner, "do_not_compile"):
+                inner.do_not_compile = True  # eager: it runs on a different subset of rows each step
+            sub.steer_path = pair[role]
+            setattr(holder, role, sub)
+        holder.steer_name = pair["name"]
+        holders[key] = holder
+    model.steer_proxy = holders
+    model.steer_proxy_names = {pair["name"]: proxy_module_key(pair["name"]) for pair in pairs}
+
+
+def load_proxy_weights(model: torch.nn.Module) -> set[str]:
+    """Load every sub-model's checkpoint with its own `load_weights`; returns the loaded parameter
+    names, prefixed as `model.named_parameters()` names them."""
+    from safetensors import safe_open
+
+    loaded: set[str] = set()
+    for key, holder in getattr(model, PROXY_ATTR, {}).items():
+        for role in PROXY_ROLES:
+            sub = getattr(holder, role)
+            files = sorted(Path(sub.steer_path).glob("*.safetensors"))
+
+            def weights(files=files):
+                for f in files:
+                    with safe_open(f, framework="pt") as fh:
+                        for name in fh.keys():
+                            yield name, fh.get_tensor(name)
+
+            names = sub.load_weights(weights()) or set()
+            missing = sorted({n for n, _ in sub.named_parameters()} - set(names))
+            if missing:
+                raise ValueError(f"proxy pair {holder.steer_name!r}: {role} {sub.steer_path} lacks weights for "
+                                 f"{missing[:5]}")
+            loaded |= {f"{PROXY_ATTR}.{key}.{role}.{n}" for n in names}
+            logger.info("steerserve: proxy pair %r: %s loaded from %s", holder.steer_name, role, sub.steer_path)
+    return loaded
+
+
+_step_metadata: dict[int, tuple[Any, Any]] = {}  # id(attention group) -> (group, common metadata) this step
+_layer_group: dict[str, int] = {}  # attention layer name -> id(its attention group)
+_known_groups: set[int] = set()
+_build_metadata_original: Any = None
+
+
+def install_metadata_recorder() -> None:
+    """Wrap `AttentionGroup.build_metadata` to keep each step's `CommonAttentionMetadata` per group
+    (the proxy sub-models' metadata is rebuilt from it, cut to the proxy requests). Idempotent."""
+    global _build_metadata_original
+    from vllm.v1.worker.utils import AttentionGroup
+
+    original = AttentionGroup.build_metadata
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+    _build_metadata_original = original
+
+    def build_metadata(self, common_attn_metadata, ubatch_idx: int = 0, common_prefix_len: int = 0, **kwargs):
+        if ubatch_idx == 0:
+            if id(self) not in _known_groups:
+                _known_groups.add(id(self))
+                for layer in self.layer_names:
+                    _layer_group[layer] = id(self)
+            _step_metadata[id(self)] = (self, common_attn_metadata)
+        return original(self, common_attn_metadata, ubatch_idx, common_prefix_len, **kwargs)
+
+    setattr(build_metadata, _WRAPPED_MARK, True)
+    build_metadata.__wrapped__ = original
+    AttentionGroup.build_metadata = build_metadata
+
+
+# CommonAttentionMetadata fields, by how a subset of requests cuts them (checked by the adapter test)
+_CM_PER_REQUEST = ("seq_lens", "seq_lens_cpu_upper_bound", "is_prefilling", "req_idx", "rswa_prefix_lens",
+                   "replayssm_decode_base_cpu", "dcp_local_seq_lens", "dcp_local_seq_lens_cpu_upper_bound",
+                   "encoder_seq_lens", "encoder_seq_lens_cpu", "block_table_tensor")
+_CM_PER_TOKEN = ("slot_mapping", "positions")
+_CM_DROPPED = ("logits_indices_padded", "num_logits_indices", "max_logits_per_req", "mm_req_doc_ranges",
+               "_num_computed_tokens_cache", "_token_to_req_indices_cache")  # caches: recomputed lazily
+_CM_REBUILT = ("query_start_loc", "query_start_loc_cpu", "num_reqs", "num_actual_tokens", "max_query_len",
+               "max_seq_len", "causal")
+
+
+def subset_common_metadata(cm: Any, requests: list[int]) -> tuple[Any, torch.Tensor]:
+    """`cm` cut to the batch rows `requests` (sorted): (new metadata, the token rows kept, long)."""
+    import dataclasses
+
+    import numpy as np
+
+    qsl = cm.query_start_loc_cpu.numpy()
+    req = np.asarray(requests, dtype=np.int64)
+    lens = qsl[req + 1] - qsl[req]
+    tokens = np.concatenate([np.arange(qsl[r], qsl[r + 1]) for r in requests])
+    new_qsl = np.zeros(len(requests) + 1, dtype=qsl.dtype)
+    np.cumsum(lens, out=new_qsl[1:])
+    new_qsl_cpu = torch.from_numpy(new_qsl)
+    device = cm.query_start_loc.device
+    req_t = {}
+    tok_t = {}
+
+    def cut(value, per_request: bool):
+        if value is None:
+            return None
+        if isinstance(value, np.ndarray):
+            return value[req] if per_request else value[tokens]
+        if not isinstance(value, torch.Tensor):
+            return value
+        cache = req_t if per_request else tok_t
+        if value.device not in cache:
+            cache[value.device] = torch.from_numpy(req if per_request else tokens).to(value.device)
+        return value.index_select(0, cache[value.device])
+
+    changes = {f: cut(getattr(cm, f), True) for f in _CM_PER_REQUEST}
+    changes.update({f: cut(getattr(cm, f), False) for f in _CM_PER_TOKEN})
+    changes.update({f: None for f in _CM_DROPPED})
+    upper = cm.seq_lens_cpu_upper_bound
+    max_seq = int(upper[torch.from_numpy(req)].max()) if upper is not None else cm.max_seq_len
+    causal = cm.causal
+    if isinstance(causal, torch.Tensor):
+        causal = cut(causal, causal.shape[0] != cm.num_actual_tokens)
+    changes.update(query_start_loc=new_qsl_cpu.to(device), query_start_loc_cpu=new_qsl_cpu,
+                   num_reqs=len(requests), num_actual_tokens=int(new_qsl[-1]), max_query_len=int(lens.max()),
+                   max_seq_len=max_seq, causal=causal)
+    known = set(_CM_PER_REQUEST) | set(_CM_PER_TOKEN) | set(_CM_DROPPED) | set(_CM_REBUILT)
+    changes = {k: v for k, v in changes.items() if k in {f.name for f in dataclasses.fields(cm)}}
+    assert known >= {f.name for f in dataclasses.fields(cm)}, "CommonAttentionMetadata gained fields"
+    return dataclasses.replace(cm, **changes), torch.from_numpy(tokens)
+
+
+def _attention_layer_names(module: torch.nn.Module) -> list[str]:
+    names = getattr(module, "_steer_attention_layers", None)
+    if names is None:
+        from vllm.model_executor.layers.attention import Attention
+
+        names = [m.layer_name for _, m in module.named_modules() if isinstance(m, Attention)]
+        module._steer_attention_layers = names
+    return names
+
+
+def _subset_metadata(holder: torch.nn.Module, requests: list[int]) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """Per attention layer of the pair's two sub-models, this step's metadata cut to `requests`, and
+    the token rows kept; None when a layer's metadata was not built this step (then: every row)."""
+    overrides: dict[str, Any] = {}
+    built: dict[int, Any] = {}
+    tokens = None
+    for role in PROXY_ROLES:
+        for layer in _attention_layer_names(getattr(holder, role)):
+            entry = _step_metadata.get(_layer_group.get(layer, -1))
+            if entry is None:
+                return None
+            group, cm = entry
+            if id(group) not in built:
+                sub_cm, tokens = subset_common_metadata(cm, requests)
+                built[id(group)] = _build_metadata_original(group, sub_cm)
+            overrides[layer] = built[id(group)]
+    return (overrides, tokens) if tokens is not None else None
+
+
+def run_proxy_experts(model: torch.nn.Module, entries: list, input_ids: torch.Tensor | None,
+                      positions: torch.Tensor | None, hidden: torch.Tensor, num_reqs: int):
+    """After the base forward of a step with proxy rows: run each pair's expert and anti-expert on
+    the rows of the requests that use the pair and return the `proxy.ProxyRoute` for
+    `compute_logits`. `entries`: (pair name, alpha, batch index, start row, end row), alpha != 0."""
+    from vllm.forward_context import get_forward_context
+
+    if input_ids is None or positions is None:
+        logger.error("steerserve: proxy tuning needs token ids (this step has input embeddings); "
+                     "proxy requests in it get the base's logits")
+        return None
+    fc = get_forward_context()
+    metadata = fc.attn_metadata
+    if not isinstance(metadata, dict):
+        logger.error("steerserve: proxy tuning does not support micro-batched steps; base logits used")
+        return None
+    holders = getattr(model, PROXY_ATTR)
+    names = model.steer_proxy_names
+    by_pair: dict[str, list] = {}
+    for name, alpha, index, start, end in entries:
+        if name not in names:
+            logger.error("steerserve: proxy pair %r is not loaded in the engine; base logits used", name)
+            continue
+        by_pair.setdefault(name, []).append((index, start, end, alpha))
+    route = _proxy.ProxyRoute(hidden, num_reqs)
+    num_tokens = hidden.shape[0]
+    for name, requests in by_pair.items():
+        requests.sort()
+        holder = holders[names[name]]
+        cut = _subset_metadata(holder, [r[0] for r in requests])
+        if cut is None:
+            logger.warning("steerserve: proxy pair %r: this step's attention metadata was not seen; its "
+                           "experts run on every row of the step", name)
+            overrides, rows = {}, torch.arange(num_tokens, dtype=torch.long)
+        else:
+            overrides, rows = cut
+        sub_of_row = torch.full((num_tokens,), -1, dtype=torch.long)
+        sub_of_row[rows] = torch.arange(rows.shape[0], dtype=torch.long)
+        rows_dev = rows.to(input_ids.device)
+        ids, pos = input_ids.index_select(0, rows_dev), positions.index_select(0, rows_dev)
+        # the KV writes read the per-layer slot mapping of the forward context: cut it alike
+        slots = fc.slot_mapping if isinstance(fc.slot_mapping, dict) else {}
+        slot_overrides = {layer: slots[layer].index_select(0, rows.to(slots[layer].device))
+                          for layer in overrides if slots.get(layer) is not None}
+        saved = {layer: metadata.get(layer) for layer in overrides}
+        saved_slots = {layer: slots[layer] for layer in slot_overrides}
+        metadata.update(overrides)
+        slots.update(slot_overrides)
+        try:
+            h = {role: getattr(holder, role).model(ids, pos, None) for role in PROXY_ROLES}
+        finally:
+            metadata.update(saved)
+            slots.update(saved_slots)
+        route.groups.append(_proxy.ProxyGroup(name, requests, sub_of_row, h["expert"], h["anti_expert"]))
+    return route if route.groups else None
+
+
+def proxy_logits(model: torch.nn.Module, hidden_states: torch.Tensor, logits: torch.Tensor | None):
+    """Logits with base + alpha * (expert - anti_expert) on the proxy rows of this step (float32 then;
+    `logits` itself when the step has none)."""
+    route = _proxy.route()
+    if route is None or logits is None:
+        return logits
+    out = None
+    vocab = logits.shape[-1]
+    holders = getattr(model, PROXY_ATTR)
+    for group in route.groups:
+        found = route.rows_for(hidden_states, group)
+        if found is None:
+            logger.error("steerserve: compute_logits got %d rows that match neither the step's requests nor its "
+                         "hidden states; proxy requests' logits are the base's", hidden_states.shape[0])
+            return logits
+        rows, sub, alphas = found
+        if rows.numel() == 0:
+            continue
+        holder = holders[model.steer_proxy_names[group.name]]
+        expert = holder.expert.compute_logits(group.h_expert.index_select(0, sub))[:, :vocab]
+        anti = holder.anti_expert.compute_logits(group.h_anti.index_select(0, sub))[:, :vocab]
+        if out is None:
+            out = logits.to(torch.float32)
+        _proxy.combine_(out, rows, alphas, expert, anti)
+    return out if out is not None else logits

@@ -21,7 +21,7 @@ from pathlib import Path
 
 METADATA_FILE = "steerserve.json"
 FORMAT = 1
-KINDS = ("full", "lora", "taia-full", "taia-lora")
+KINDS = ("full", "lora", "taia-full", "taia-lora", "derived")
 _SHAPE_KEYS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "vocab_size", "head_dim", "tie_word_embeddings")
 _EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight")
