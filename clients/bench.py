@@ -8,6 +8,7 @@ distinct configuration as its own batch. Prints tokens/s and the ratios, writes 
 
 `--steer infosteer` (default): all layers, scale; the mix is half and half.
 `--steer mixing`: TAIA mixing with a fully fine-tuned variant (see `bench_mixing`).
+`--steer proxy`: proxy tuning with an expert / anti-expert pair (see `bench_proxy`).
 `--steer context`: context attention with ~500-token user contexts, emphasis on the user message,
 8 middle layers, all heads; the mix is 25% steered, and the unsteered rows' own decode time in the
 mix is compared with the all-plain run (per-request engine timestamps).
@@ -43,9 +44,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of engine workloads (default 3); speeds are medians, engine ratios are medians "
                         "of per-round ratios")
-    p.add_argument("--steer", choices=["infosteer", "context", "mixing"], default="infosteer",
+    p.add_argument("--steer", choices=["infosteer", "context", "mixing", "proxy"], default="infosteer",
                    help="which steer to measure (default infosteer); mixing: TAIA with a fully fine-tuned variant "
-                        "(clients/bench_mixing.py)")
+                        "(clients/bench_mixing.py); proxy: proxy tuning (clients/bench_proxy.py)")
+    p.add_argument("--proxy", default=None, metavar="EXPERT,ANTI_EXPERT",
+                   help="proxy only: the pair's checkpoints (default: an anti-expert derived from --model, every "
+                        "2nd layer, and a perturbed copy of it as the expert)")
+    p.add_argument("--proxy-alpha", type=float, default=1.0, help="proxy only: alpha (default 1)")
     p.add_argument("--variant", default=None,
                    help="mixing only: a fully fine-tuned checkpoint of --model (default: a perturbed copy)")
     p.add_argument("--context-alpha", type=float, default=0.5, help="context attention alpha (default 0.5)")
@@ -114,6 +119,10 @@ def timed_generate(llm, prompts: list[list[int]], plans: list, max_tokens: int, 
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    if args.steer == "proxy":
+        from .bench_proxy import run_proxy_bench
+
+        return run_proxy_bench(args)
     if args.steer == "mixing":
         from .bench_mixing import run_mixing_bench
 

@@ -62,6 +62,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "NAME:ffn-only) or a fully fine-tuned checkpoint of the same base (weights routed per "
                         "request). Requests select it with `model: NAME` and mix with `steer.mixing` "
                         '("taia", ...). Also config key `variants: {NAME: PATH}`')
+    p.add_argument("--proxy", action="append", default=[], metavar="NAME=EXPERT,ANTI_EXPERT",
+                   help="load a proxy-tuning pair next to the model (repeatable): a small tuned EXPERT checkpoint "
+                        "and its untuned ANTI_EXPERT, sharing the model's tokenizer and attention layout. "
+                        'Requests use it with `steer.proxy: {"pair": NAME, "alpha": 1.0}` (logits = base + alpha '
+                        "* (expert - anti-expert)); the experts run only for those requests. Also config key "
+                        "`proxies: {NAME: {expert: PATH, anti_expert: PATH}}`")
     p.add_argument("--feedback-db", default=None, metavar="FILE",
                    help="SQLite file for A/B experiment responses and feedback (default "
                         "$STEERSERVE_HOME/ab-feedback.sqlite3, i.e. ~/.cache/steerserve/ab-feedback.sqlite3)")
@@ -114,6 +120,25 @@ def _config_variants(path: str) -> dict:
         raise SystemExit("steerserve serve: --config: `variants` must map names to checkpoint/adapter paths")
     base = Path(path).resolve().parent
     return {k: str((base / v).resolve()) for k, v in raw.items()}
+
+
+def _config_proxies(path: str) -> dict:
+    """The config file's `proxies: {NAME: {expert: PATH, anti_expert: PATH}}` (relative paths from
+    the file's folder)."""
+    from steerserve.server.profiles import ConfigError, read_config_file
+
+    try:
+        raw = read_config_file(path).get("proxies") or {}
+    except ConfigError as err:
+        raise SystemExit(f"steerserve serve: --config: {err}") from None
+    shape_ok = isinstance(raw, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and set(v) == {"expert", "anti_expert"}
+        and all(isinstance(x, str) for x in v.values()) for k, v in raw.items())
+    if not shape_ok:
+        raise SystemExit("steerserve serve: --config: `proxies` must map pair names to "
+                         "{expert: PATH, anti_expert: PATH}")
+    base = Path(path).resolve().parent
+    return {k: {role: str((base / p).resolve()) for role, p in v.items()} for k, v in raw.items()}
 
 
 def _is_loopback(host: str) -> bool:
@@ -172,6 +197,12 @@ def serve(args: argparse.Namespace) -> None:
         fam = _family.prepare_family(declared, model, served_name, cache_root() / "variants")
     except _family.FamilyError as err:
         raise SystemExit(f"steerserve serve: --variant: {err}") from None
+    try:
+        _family.prepare_proxies(list(args.proxy), model, fam)
+        if args.config:
+            _family.prepare_proxies(_config_proxies(args.config), model, fam)
+    except _family.FamilyError as err:
+        raise SystemExit(f"steerserve serve: --proxy: {err}") from None
     variant_argv = _family.vllm_args(fam)
     _family.set_current(fam)
     if fam.variants:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -29,14 +30,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from steerserve.patches.mixing import VARIANTS_ENV
-from steerserve.patches.plan import MixingPlan
+from steerserve.patches.plan import MixingPlan, ProxyPlan
+from steerserve.patches.proxy import ALPHA_MAX, ALPHA_MIN, PAIRS_ENV
 
 FAMILY_ENV = "STEERSERVE_FAMILY"
 LABELS = {"taia": ("tuned", "base"), "tuned": ("tuned", "tuned"), "base": ("base", "base"),
           "ffn-only": ("base", "tuned")}
 ALIAS_SUFFIXES = {"taia": ":taia", "ffn-only": ":ffn-only"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_PAIR_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a module name inside the engine: no '.'
 FIELD = "steer.mixing"
+PROXY_FIELD = "steer.proxy"
 
 
 class FamilyError(ValueError):
@@ -63,10 +67,20 @@ class Variant:
 
 
 @dataclass
+class ProxyPair:
+    """A proxy-tuning pair (arXiv 2401.08565): a small tuned expert and its untuned anti-expert."""
+
+    name: str
+    expert: str
+    anti_expert: str
+
+
+@dataclass
 class Family:
     base_name: str = ""
     base_indicator: str | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
+    proxies: dict[str, ProxyPair] = field(default_factory=dict)
 
     # --- lookups ----------------------------------------------------------------------------
     def variant_for_model(self, model: str | None) -> tuple[Variant | None, str | None]:
@@ -163,16 +177,50 @@ class Family:
                                               f"({', '.join(sorted(self.variants))}) as `model` or "
                                               "steer.mixing.variant")
 
+    def resolve_proxy(self, raw) -> ProxyPlan | None:
+        """`steer.proxy` (raw value, or None) -> the plan. Raises MixingError naming the field."""
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise MixingError(PROXY_FIELD, 'must be an object {"pair": name, "alpha": number}, got '
+                                           f"{type(raw).__name__}")
+        unknown = sorted(set(raw) - {"pair", "alpha"})
+        if unknown:
+            raise MixingError(f"{PROXY_FIELD}.{unknown[0]}", "unknown field; allowed: pair, alpha")
+        if not self.proxies:
+            who = f"model {self.base_name!r}" if self.base_name else "the served model"
+            raise MixingError(PROXY_FIELD, f"{who} has no proxy pairs loaded (start the server with "
+                                           "--proxy NAME=EXPERT,ANTI_EXPERT)")
+        name = raw.get("pair")
+        if name is None:
+            if len(self.proxies) > 1:
+                raise MixingError(f"{PROXY_FIELD}.pair", "several proxy pairs are loaded; name one of "
+                                                         f"{', '.join(sorted(self.proxies))}")
+            name = next(iter(self.proxies))
+        if not isinstance(name, str):
+            raise MixingError(f"{PROXY_FIELD}.pair", f"must be a string naming a proxy pair, got {type(name).__name__}")
+        if name not in self.proxies:
+            raise MixingError(f"{PROXY_FIELD}.pair", f"unknown proxy pair {name!r}; loaded: "
+                                                     f"{', '.join(sorted(self.proxies))}")
+        alpha = raw.get("alpha", 1.0)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+                or not ALPHA_MIN <= alpha <= ALPHA_MAX:
+            raise MixingError(f"{PROXY_FIELD}.alpha", f"must be a number in [{ALPHA_MIN:g}, {ALPHA_MAX:g}] "
+                                                      f"(0 = the base alone, 1 = the paper's default), got {alpha!r}")
+        return ProxyPlan(name, float(alpha))
+
     # --- serialisation ----------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps({"base_name": self.base_name, "base_indicator": self.base_indicator,
-                           "variants": [asdict(v) for v in self.variants.values()]})
+                           "variants": [asdict(v) for v in self.variants.values()],
+                           "proxies": [asdict(p) for p in self.proxies.values()]})
 
     @classmethod
     def from_json(cls, text: str) -> Family:
         body = json.loads(text)
         return cls(body["base_name"], body.get("base_indicator"),
-                   {v["name"]: Variant(**v) for v in body["variants"]})
+                   {v["name"]: Variant(**v) for v in body["variants"]},
+                   {p["name"]: ProxyPair(**p) for p in body.get("proxies", [])})
 
     def models_listing(self) -> list[dict]:
         """Extra `/v1/models` entries: fully fine-tuned variants and their mixes (LoRA variants and
@@ -304,6 +352,10 @@ def vllm_args(family: Family) -> list[str]:
         os.environ[VARIANTS_ENV] = json.dumps(full)
     else:
         os.environ.pop(VARIANTS_ENV, None)
+    if family.proxies:
+        os.environ[PAIRS_ENV] = json.dumps([asdict(p) for p in family.proxies.values()])
+    else:
+        os.environ.pop(PAIRS_ENV, None)
     os.environ[FAMILY_ENV] = family.to_json()
     lora = [v for v in family.variants.values() if v.kind == "lora"]
     if not lora:
@@ -314,3 +366,88 @@ def vllm_args(family: Family) -> list[str]:
     rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
     return ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(2, len(modules))),
             "--lora-modules", *modules]
+
+
+# --- proxy pairs --------------------------------------------------------------------------------
+
+def parse_proxy_value(value: str) -> tuple[str, str, str]:
+    """`NAME=EXPERT,ANTI_EXPERT` -> (name, expert, anti_expert)."""
+    if "=" not in value or "," not in value.split("=", 1)[1]:
+        raise FamilyError(f"--proxy {value!r}: expected NAME=EXPERT_PATH,ANTI_EXPERT_PATH")
+    name, paths = value.split("=", 1)
+    expert, anti = paths.split(",", 1)
+    return name.strip(), expert.strip(), anti.strip()
+
+
+def _attention_shape(config: dict) -> tuple:
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else None)
+    return heads, config.get("num_key_value_heads", heads), head_dim
+
+
+def check_proxy_checkpoint(pair: str, role: str, folder: Path, base: Path, base_vocab: dict[str, int]) -> None:
+    """Refuse (FamilyError) an expert / anti-expert the engine cannot combine with the base: not a
+    full checkpoint, an unsupported architecture, another vocabulary (ids below the base's vocab
+    size must mean the same tokens; a larger padded vocab is fine: it is cut to the base's), or
+    another attention layout (the sub-models share the base's per-step attention metadata)."""
+    from transformers import AutoTokenizer
+
+    from steerserve.training import checkpoints as ck
+
+    what = f"proxy pair {pair!r}: {role.replace('_', '-')} {folder}"
+    if not ck.is_full_checkpoint(folder):
+        raise FamilyError(f"{what} is not a model checkpoint (config.json + *.safetensors)")
+    config = json.loads((folder / "config.json").read_text())
+    base_config = json.loads((base / "config.json").read_text())
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        raise FamilyError(f"{what} is a {arch}; proxy experts must be LlamaForCausalLM or Qwen2ForCausalLM")
+    if config.get("vocab_size", 0) < base_config.get("vocab_size", 0):
+        raise FamilyError(f"{what} has a smaller vocabulary ({config.get('vocab_size')}) than the base "
+                          f"({base_config.get('vocab_size')}): tokenizer mismatch")
+    if _attention_shape(config) != _attention_shape(base_config):
+        raise FamilyError(f"{what}: attention layout (heads, KV heads, head size) {_attention_shape(config)} differs "
+                          f"from the base's {_attention_shape(base_config)}; proxy experts must share the base's "
+                          "attention layout (layer count, FFN width and weights may differ)")
+    try:
+        vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
+    except Exception as err:  # noqa: BLE001 - any tokenizer loading failure is a refusal with its reason
+        raise FamilyError(f"{what}: its tokenizer cannot be loaded ({type(err).__name__}: {err})") from None
+    limit = base_config.get("vocab_size", len(base_vocab))
+    by_id = {i: t for t, i in vocab.items() if i < limit}
+    for token, index in base_vocab.items():
+        if index < limit and by_id.get(index) != token:
+            raise FamilyError(f"{what}: tokenizer mismatch: id {index} is {token!r} in the base but "
+                              f"{by_id.get(index)!r} here; proxy tuning needs the base's vocabulary")
+    extra = sorted(i for i in by_id if i not in set(base_vocab.values()))
+    if extra:
+        raise FamilyError(f"{what}: tokenizer mismatch: ids {extra[:5]} are tokens the base does not have")
+
+
+def prepare_proxies(values: list[str] | dict, base: Path, family: Family) -> None:
+    """Validate the declared proxy pairs against the served base and add them to `family`."""
+    from transformers import AutoTokenizer
+
+    if isinstance(values, dict):
+        declared = [(name, str(v.get("expert")), str(v.get("anti_expert"))) for name, v in values.items()]
+    else:
+        declared = [parse_proxy_value(v) for v in values]
+    if not declared:
+        return
+    if family.variants:
+        raise FamilyError("serve proxy pairs and tuned variants from separate servers (the variants' routing and "
+                          "LoRA layers would also reach the experts)")
+    base_vocab = AutoTokenizer.from_pretrained(base).get_vocab()
+    for name, expert, anti in declared:
+        if not _PAIR_RE.match(name or ""):
+            raise FamilyError(f"proxy pair name {name!r}: start with a letter; letters, digits, '_' or '-', "
+                              "1-64 chars")
+        if name in family.proxies:
+            raise FamilyError(f"proxy pair name {name!r} is declared twice")
+        paths = {}
+        for role, raw in (("expert", expert), ("anti_expert", anti)):
+            folder = Path(raw).expanduser().resolve()
+            check_proxy_checkpoint(name, role, folder, base, base_vocab)
+            paths[role] = str(folder)
+        family.proxies[name] = ProxyPair(name, paths["expert"], paths["anti_expert"])
+        _log(f"proxy pair {name!r}: expert {paths['expert']}, anti-expert {paths['anti_expert']}")

@@ -28,7 +28,8 @@ from .experiments import Experiment, parse_experiments
 from .schema import ModelInfo, SteerError, normalise, parse_spec
 
 CONFIG_ENV = "STEERSERVE_CONFIG"
-TOP_LEVEL_KEYS = ("profiles", "experiments", "head_sets", "variants")  # variants: read by `serve` (server/cli.py)
+# variants, proxies: read by `serve` (server/cli.py)
+TOP_LEVEL_KEYS = ("profiles", "experiments", "head_sets", "variants", "proxies")
 
 
 @dataclass(frozen=True)

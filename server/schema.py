@@ -83,6 +83,10 @@ class SteerSpec(BaseModel):
     context_indicator: bool | None = Field(
         None, description="append the context-dependency indicator the model was trained with to every user "
         "message (chat only; 400 for models trained without one)")
+    # any JSON value here: its shape is checked by `family.Family.resolve_proxy`, which names the field
+    proxy: Any = Field(
+        None, description='proxy tuning {"pair": name, "alpha": number in [-10, 10], default 1}: next-token '
+        "logits = base + alpha * (expert - anti_expert) with a pair the server loaded (see README, \"Proxy tuning\")")
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,7 @@ def normalise(raw: object, info: ModelInfo, head_sets: dict | None = None, endpo
     fam = _family.current()
     try:
         mixing, _ = fam.resolve(spec.mixing, model)
+        proxy = fam.resolve_proxy(spec.proxy)
     except _family.MixingError as err:
         raise SteerError(err.field, err.message) from None
     indicator = None
@@ -361,4 +366,5 @@ def normalise(raw: object, info: ModelInfo, head_sets: dict | None = None, endpo
             raise SteerError(field, f"model {who!r} was not trained with a context-dependency indicator (its "
                                     "steerserve.json has no context_indicator; train with `steerserve train sft "
                                     "--context-indicator`)")
-    return SteerPlan(infosteer=infosteer, context_attention=context, mixing=mixing, context_indicator=indicator)
+    return SteerPlan(infosteer=infosteer, context_attention=context, mixing=mixing, context_indicator=indicator,
+                     proxy=proxy)

@@ -38,3 +38,18 @@ def test_mixing_bench_runs(tiny_llama, tmp_path):
     assert all(v > 0 for v in results["tok_per_s"].values())
     assert all(v == v for v in results["ratios"].values()), results["ratios"]  # no NaN
     assert "taia_vs_tuned_rows_in_one_half_half_batch" in results["ratios"] and out.exists()
+
+
+def test_proxy_bench_runs(tiny_llama, tmp_path):
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    out = tmp_path / "bench.json"
+    args = p.parse_args(["--model", str(tiny_llama), "--requests", "4", "--max-tokens", "4", "--dtype", "float32",
+                         "--out", str(out), "--steer", "proxy", "--repeats", "1"])
+    results = run_bench(args)
+    assert set(results["tok_per_s"]) == {
+        "base_alone_plain", "base_alone_plain_control", "expert_alone_plain", "anti_expert_alone_plain",
+        "pair_loaded_plain", "pair_loaded_all_proxy", "pair_loaded_quarter_proxy", "hf_three_models_batched"}
+    assert all(v > 0 for v in results["tok_per_s"].values())
+    assert all(v == v for v in results["ratios"].values()), results["ratios"]  # no NaN
+    assert "proxy_cost_over_sum_of_three_plain_costs" in results["ratios"] and out.exists()

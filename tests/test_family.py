@@ -78,3 +78,92 @@ def test_config_file_variants(tmp_path):
     (tmp_path / "bad.yaml").write_text("variants: [a, b]\n")
     with pytest.raises(SystemExit, match="variants"):
         _config_variants(str(tmp_path / "bad.yaml"))
+
+
+# --- proxy pairs ------------------------------------------------------------------------------
+
+def test_proxy_resolution_and_errors():
+    from steerserve.patches.plan import ProxyPlan
+    from steerserve.server.family import ProxyPair
+
+    one = Family("base", None, {}, {"task": ProxyPair("task", "/e", "/a")})
+    two = Family("base", None, {}, {"task": ProxyPair("task", "/e", "/a"), "code": ProxyPair("code", "/e2", "/a2")})
+    assert one.resolve_proxy(None) is None
+    assert one.resolve_proxy({}) == ProxyPlan("task", 1.0)  # the only pair, the paper's alpha
+    assert two.resolve_proxy({"pair": "code", "alpha": -2}) == ProxyPlan("code", -2.0)
+    assert one.resolve_proxy({"pair": "task", "alpha": 0}) == ProxyPlan("task", 0.0)
+    cases = [
+        (Family("base"), {"pair": "task"}, "steer.proxy", "no proxy pairs loaded"),
+        (one, "task", "steer.proxy", "must be an object"),
+        (one, {"pair": "nope"}, "steer.proxy.pair", "unknown proxy pair 'nope'; loaded: task"),
+        (one, {"pair": 3}, "steer.proxy.pair", "must be a string"),
+        (two, {"alpha": 1}, "steer.proxy.pair", "several proxy pairs"),
+        (one, {"alpha": 11}, "steer.proxy.alpha", r"\[-10, 10\]"),
+        (one, {"alpha": float("nan")}, "steer.proxy.alpha", r"\[-10, 10\]"),
+        (one, {"alpha": True}, "steer.proxy.alpha", r"\[-10, 10\]"),
+        (one, {"alpha": "1"}, "steer.proxy.alpha", r"\[-10, 10\]"),
+        (one, {"pair": "task", "beta": 1}, "steer.proxy.beta", "unknown field"),
+    ]
+    for family, raw, field, text in cases:
+        with pytest.raises(MixingError, match=text) as err:
+            family.resolve_proxy(raw)
+        assert err.value.field == field
+    assert Family.from_json(two.to_json()) == two
+
+
+def test_proxy_pairs_refused_at_start_up(tiny_llama, tmp_path):
+    import json
+    import shutil
+
+    from tiny_models import build_tiny
+
+    from steerserve.server.family import FamilyError, prepare_proxies
+
+    anti = build_tiny("llama", tmp_path / "anti", seed=3, num_layers=2)
+    family = Family("tiny")
+    prepare_proxies([f"task={anti},{anti}"], tiny_llama, family)
+    assert set(family.proxies) == {"task"}
+    # another vocabulary: two ids swapped in the tokenizer
+    swapped = tmp_path / "swapped"
+    shutil.copytree(anti, swapped)
+    tok = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(tok))
+    # another attention layout
+    wide = tmp_path / "wide"
+    shutil.copytree(anti, wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4
+    (wide / "config.json").write_text(json.dumps(cfg))
+    small = tmp_path / "small"
+    shutil.copytree(anti, small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 1000
+    (small / "config.json").write_text(json.dumps(cfg))
+    cases = [
+        ([f"x={swapped},{anti}"], "tokenizer mismatch: id"),
+        ([f"x={anti},{small}"], "smaller vocabulary"),
+        ([f"x={wide},{anti}"], "attention layout"),
+        ([f"x={tmp_path},{anti}"], "not a model checkpoint"),
+        ([f"1x={anti},{anti}"], "start with a letter"),
+        ([f"x={anti}"], "NAME=EXPERT_PATH,ANTI_EXPERT_PATH"),
+        ([f"task={anti},{anti}"], "declared twice"),
+    ]
+    for values, text in cases:
+        with pytest.raises(FamilyError, match=text):
+            prepare_proxies(values, tiny_llama, family)
+    with pytest.raises(FamilyError, match="separate servers"):
+        prepare_proxies([f"y={anti},{anti}"], tiny_llama, Family("tiny", None, {"chat": FULL}))
+
+
+def test_config_file_proxies(tmp_path):
+    from steerserve.server.cli import _config_proxies
+
+    (tmp_path / "c.yaml").write_text("proxies:\n  task: {expert: e, anti_expert: a}\n")
+    assert _config_proxies(str(tmp_path / "c.yaml")) == {
+        "task": {"expert": str((tmp_path / "e").resolve()), "anti_expert": str((tmp_path / "a").resolve())}}
+    (tmp_path / "bad.yaml").write_text("proxies:\n  task: {expert: e}\n")
+    with pytest.raises(SystemExit, match="proxies"):
+        _config_proxies(str(tmp_path / "bad.yaml"))

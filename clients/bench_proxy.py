@@ -1,0 +1,155 @@
+"""`steerserve bench --steer proxy`: proxy-tuning throughput (base + alpha * (expert - anti_expert)).
+
+Same workload everywhere (N chat prompts x T generated tokens, all submitted at once, greedy):
+1. the base engine without pairs: `plain`, `plain_control` (noise floor);
+2. an engine serving the expert alone and one serving the anti-expert alone: `plain` each (the
+   three models' plain costs, summed, are what proxy tuning must not exceed by more than 10%);
+3. the base engine holding the pair (`--proxy EXPERT,ANTI_EXPERT`; default: an anti-expert derived
+   from the model (every 2nd layer) and a perturbed copy of it as the expert, in a temp dir):
+   `plain`, `all_proxy`, `quarter_proxy` (25% proxy rows among plain ones);
+4. the Hugging Face reference: the three models batched and stepped together, each with its KV
+   cache (`reference.proxy_generate`), on the same N prompts.
+Rounds are interleaved within an engine; ratios within an engine are medians of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def stand_in_pair(model_dir: Path, root: Path) -> tuple[Path, Path]:
+    """An anti-expert derived from the model (every 2nd layer) and a perturbed copy as the expert."""
+    from steerserve.training.proxy_demo import build_anti_expert
+
+    from .bench_mixing import perturbed_variant
+
+    anti = build_anti_expert(model_dir, root / "anti-expert", 2)
+    return perturbed_variant(anti, root / "expert"), anti
+
+
+def run_proxy_bench(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM
+
+    from steerserve.patches import STEERABLE_ARCHITECTURES
+    from steerserve.patches.plan import ProxyPlan, SteerPlan
+    from steerserve.patches.proxy import PAIRS_ENV
+    from steerserve.patches.reference import proxy_generate
+    from steerserve.patches.vllm_adapter import shutdown_engine
+    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.schema import ModelInfo
+
+    from .bench import _prompts, interleaved_rounds, timed_generate
+
+    model_dir = Path(args.model) if args.model else ensure_embedded_model()
+    info = ModelInfo.from_checkpoint(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    n, T = args.requests, args.max_tokens
+    prompts = _prompts(tok, n)
+    scratch = tempfile.TemporaryDirectory()
+    if args.proxy:
+        expert, anti = (Path(p).expanduser().resolve() for p in args.proxy.split(",", 1))
+    else:
+        expert, anti = stand_in_pair(model_dir, Path(scratch.name))
+    plan = SteerPlan(proxy=ProxyPlan("pair", args.proxy_alpha))
+
+    def measure(path: Path, workloads: dict, label: str) -> tuple[dict, dict]:
+        arch = json.loads((path / "config.json").read_text())["architectures"][0]
+        llm = LLM(model=str(path), tokenizer=str(model_dir), dtype=args.dtype, enforce_eager=not args.compile,
+                  max_model_len=1024, kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
+                  disable_log_stats=False, hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]})
+        decode: dict[str, list[list[float]]] = {}
+
+        def run(plans, name):
+            return timed_generate(llm, prompts, plans, T, decode.setdefault(name, []))
+
+        run([None] * n, "warm-up")
+        times = interleaved_rounds(workloads, args.repeats, run, n * T, label)
+        shutdown_engine(llm)
+        return times, decode
+
+    mode = "compiled" if args.compile else "eager"
+    os.environ.pop(PAIRS_ENV, None)
+    _log(f"engine 1/4: {model_dir.name} alone, {args.dtype}, {mode}; {n} requests x {T} tokens")
+    t_base, _ = measure(model_dir, {"plain": [None] * n, "plain_control": [None] * n}, "base alone:")
+    _log(f"engine 2/4: the expert alone ({expert})")
+    t_expert, _ = measure(expert, {"plain": [None] * n}, "expert alone:")
+    _log(f"engine 3/4: the anti-expert alone ({anti})")
+    t_anti, _ = measure(anti, {"plain": [None] * n}, "anti-expert alone:")
+    _log("engine 4/4: the base holding the pair")
+    os.environ[PAIRS_ENV] = json.dumps([{"name": "pair", "expert": str(expert), "anti_expert": str(anti)}])
+    try:
+        w = {"plain": [None] * n, "all_proxy": [plan] * n,
+             "quarter_proxy": [plan if i % 4 == 0 else None for i in range(n)]}
+        t_pair, decode = measure(model_dir, w, "pair loaded:")
+    finally:
+        os.environ.pop(PAIRS_ENV, None)
+
+    def med(times):
+        return statistics.median(times)
+
+    def tps(times):
+        return n * T / med(times)
+
+    def paired(times, a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))  # = tok/s(b) / tok/s(a)
+
+    runs = {"base_alone_plain": tps(t_base["plain"]), "base_alone_plain_control": tps(t_base["plain_control"]),
+            "expert_alone_plain": tps(t_expert["plain"]), "anti_expert_alone_plain": tps(t_anti["plain"]),
+            **{f"pair_loaded_{k}": tps(v) for k, v in t_pair.items()}}
+    three = med(t_base["plain"]) + med(t_expert["plain"]) + med(t_anti["plain"])
+    rows = [i for i in range(n) if w["quarter_proxy"][i] is None]
+    plain_rows = statistics.median(
+        statistics.median(m[i] / p[i] for i in rows) for p, m in zip(decode["plain"], decode["quarter_proxy"]))
+    ratios = {
+        "plain_control_vs_plain (noise floor)": paired(t_base, "plain_control", "plain") ** -1,
+        "proxy_cost_over_sum_of_three_plain_costs": med(t_pair["all_proxy"]) / three,
+        "plain_with_pair_loaded_vs_without": runs["pair_loaded_plain"] / runs["base_alone_plain"],
+        "all_proxy_vs_plain": paired(t_pair, "plain", "all_proxy"),
+        "quarter_proxy_vs_plain": paired(t_pair, "plain", "quarter_proxy"),
+        "plain_rows_decode_time_quarter_proxy_over_plain": plain_rows,
+    }
+    if not args.skip_hf:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        dtype = getattr(torch, args.dtype)
+        hf = [AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval() for p in (model_dir, expert, anti)]
+        t0 = time.perf_counter()
+        proxy_generate(*hf, prompts, T, args.proxy_alpha, pad)
+        runs["hf_three_models_batched"] = n * T / (time.perf_counter() - t0)
+        _log(f"HF: three models batched: {runs['hf_three_models_batched']:.1f} tok/s")
+        ratios["engine_all_proxy_vs_hf_three_models"] = runs["pair_loaded_all_proxy"] / runs["hf_three_models_batched"]
+    targets = {"proxy_cost_over_sum_of_three_plain_costs": ("<=", 1.1),
+               "plain_with_pair_loaded_vs_without": (">=", 0.9),
+               "engine_all_proxy_vs_hf_three_models": (">=", 1.5)}
+    print(f"\n{'run (median over rounds)':<40}{'tok/s':>10}")
+    for k, v in runs.items():
+        print(f"{k:<40}{v:>10.1f}")
+    print(f"\n{'ratio':<56}{'value':>8}  target")
+    for k, v in ratios.items():
+        verdict = ""
+        if k in targets:
+            op, goal = targets[k]
+            ok = v >= goal if op == ">=" else v <= goal
+            verdict = f"{op} {goal}  {'met' if ok else 'NOT met'}"
+        print(f"{k:<56}{v:>8.3f}  {verdict}")
+    results = {"config": {"model": model_dir.name, "expert": str(expert) if args.proxy else "stand-in",
+                          "anti_expert": str(anti) if args.proxy else "stand-in (every 2nd layer)",
+                          "alpha": args.proxy_alpha, "requests": n, "max_tokens": T, "dtype": args.dtype,
+                          "mode": mode, "repeats": args.repeats, "layers": info.num_layers},
+               "tok_per_s": runs, "ratios": ratios}
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    scratch.cleanup()
+    return results
