@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
 
     add_demo_args(train_sub.add_parser(
         "proxy-demo", help="build a proxy-tuning family: derived anti-expert, its tuned expert, a tuned base"))
+    from steerserve.training.proxy_eval import add_proxy_eval_args
+
+    add_proxy_eval_args(train_sub.add_parser(
+        "eval-proxy", help="base vs expert vs proxy-tuned base vs tuned base on an offline task; gap closed"))
 
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
 
@@ -95,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
             from steerserve.training.evaluate import run_eval
 
             run_eval(args)
+        elif args.train_command == "eval-proxy":
+            from steerserve.training.proxy_eval import run_proxy_eval
+
+            run_proxy_eval(args)
         elif args.train_command == "proxy-demo":
             from steerserve.training.proxy_demo import run_demo
 

@@ -254,3 +254,51 @@ def test_mc_scoring_matches_one_at_a_time(tiny_llama, tok):
     assert got["acc_per_char"] == expected / 2 and got["n"] == 2
     table = report({"tasks": ["t"], "n": 2, "configs": {"base": {"scores": {"t": got, "mean": got["acc_per_char"]}}}})
     assert table.startswith("| configuration | t | mean |")
+
+
+def test_proxy_eval_scores_match_one_at_a_time(tiny_llama, tok, tmp_path):
+    """The batched, left-padded proxy scoring equals scoring each (prompt, choice) alone with the
+    three models; base and expert scores are each model's own."""
+    from tiny_models import build_tiny
+
+    from steerserve.clients.datasets import MCItem
+    from steerserve.patches.reference import proxy_combine
+    from steerserve.training.proxy_eval import choice_scores, score_items
+
+    anti = hf(build_tiny("llama", tmp_path / "anti", seed=3, num_layers=2))
+    expert = hf(build_tiny("llama", tmp_path / "expert", seed=4, num_layers=2))
+    base = hf(tiny_llama)
+    items = [MCItem("a", "Is the sky blue?\nAnswer:", ("yes", "no"), 0),
+             MCItem("b", "Question: Two plus two?\nAnswer:", ("four", "five hundred and six"), 1),
+             MCItem("c", "Pick one.", ("red", "green", "a blue one"), 2)]
+
+    def loglik(model_logits, item, choice):
+        prompt = tok.apply_chat_template([{"role": "user", "content": item.query}], add_generation_prompt=True,
+                                         tokenize=True)
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        cont = tok(choice, add_special_tokens=False)["input_ids"]
+        lp = torch.log_softmax(model_logits(torch.tensor([prompt + cont])), -1)
+        return sum(lp[len(prompt) - 1 + k, t].item() for k, t in enumerate(cont))
+
+    with torch.no_grad():
+        runs = {"base": lambda ids: base(ids).logits[0].float(),
+                "expert": lambda ids: expert(ids).logits[0].float(),
+                "proxy a=2": lambda ids: proxy_combine(base(ids).logits[0], expert(ids).logits[0],
+                                                       anti(ids).logits[0], 2.0)}
+        expected = {}
+        accuracy = {}
+        for name, fn in runs.items():
+            right = 0
+            for i, it in enumerate(items):
+                raw = [loglik(fn, it, c) for c in it.choices]
+                expected.update({(name, i, j): s for j, s in enumerate(raw)})
+                per_char = [s / len(c) for s, c in zip(raw, it.choices)]
+                right += int(max(range(len(per_char)), key=per_char.__getitem__) == it.gold)
+            accuracy[name] = right / len(items)
+    models = {"base": base, "expert": expert, "anti_expert": anti}
+    got = choice_scores(models, items, tok, [2.0], batch_size=4)
+    assert set(got) == set(runs)
+    for (name, i, j), value in expected.items():
+        assert abs(got[name][(i, j)] - value) < 1e-3, (name, i, j)
+    acc = score_items(models, items, tok, [2.0], batch_size=4)
+    assert {k: v["acc_per_char"] for k, v in acc.items()} == accuracy

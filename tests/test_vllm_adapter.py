@@ -62,7 +62,13 @@ def test_steered_row_entries_on_a_fake_runner():
         requests={"a": mk(None), "b": mk({"steer": plan.to_json()}), "c": mk({"steer": plan.to_json()}),
                   "stale": mk({"steer": plan.to_json()})},
     )
-    assert vllm_adapter.steered_row_entries(runner) == ([(plan.infosteer, 5, 6), (plan.infosteer, 6, 9)], [], [])
+    assert vllm_adapter.steered_row_entries(runner) == ([(plan.infosteer, 5, 6), (plan.infosteer, 6, 9)], [], [], [])
+    # proxy rows (alpha 0: none)
+    from steerserve.patches.plan import ProxyPlan
+
+    proxy, zero = SteerPlan(proxy=ProxyPlan("task", 1.5)), SteerPlan(proxy=ProxyPlan("task", 0.0))
+    runner.requests = {"a": mk({"steer": zero.to_json()}), "b": mk(None), "c": mk({"steer": proxy.to_json()})}
+    assert vllm_adapter.steered_row_entries(runner) == ([], [], [], [("task", 1.5, 2, 6, 9)])
 
 
 def test_mlp_layout_and_layer_index():
@@ -197,3 +203,42 @@ def test_render_surfaces():
     assert asyncio.run(state.openai_serving_chat.render_chat_request("r")) == ("conv", ["r"])
     assert asyncio.run(state.openai_serving_completion.render_completion_request("r")) == ["r"]
     assert calls == ["chat", "completions"]
+
+
+def test_proxy_surfaces_and_metadata_subset():
+    """The surfaces proxy tuning uses, and `subset_common_metadata` on a synthetic batch."""
+    import dataclasses
+
+    import torch
+    import vllm.compilation.decorators as decorators
+    from vllm.forward_context import ForwardContext
+    from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaModel
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.worker.utils import AttentionGroup
+
+    assert list(inspect.signature(inspect.unwrap(AttentionGroup.build_metadata)).parameters)[:3] == [
+        "self", "common_attn_metadata", "ubatch_idx"]
+    assert {"attn_metadata", "slot_mapping"} <= {f.name for f in dataclasses.fields(ForwardContext)}
+    assert list(inspect.signature(LlamaModel.forward).parameters)[:4] == [
+        "self", "input_ids", "positions", "intermediate_tensors"]
+    src = inspect.getsource(decorators)
+    assert "self.do_not_compile" in src and "if self.do_not_compile" in src
+    assert hasattr(LlamaForCausalLM, "compute_logits") and hasattr(LlamaForCausalLM, "load_weights")
+    known = (set(vllm_adapter._CM_PER_REQUEST) | set(vllm_adapter._CM_PER_TOKEN) | set(vllm_adapter._CM_DROPPED)
+             | set(vllm_adapter._CM_REBUILT))
+    assert {f.name for f in dataclasses.fields(CommonAttentionMetadata)} <= known, "new metadata fields: cut them"
+
+    qsl = torch.tensor([0, 4, 5, 9, 10], dtype=torch.int32)  # 4 requests: 4, 1, 4, 1 tokens
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor([4, 7, 4, 9], dtype=torch.int32),
+        num_reqs=4, num_actual_tokens=10, max_query_len=4, max_seq_len=9,
+        block_table_tensor=torch.arange(8, dtype=torch.int32).reshape(4, 2), slot_mapping=torch.arange(100, 110),
+        positions=torch.tensor([0, 1, 2, 3, 6, 0, 1, 2, 3, 8]), seq_lens_cpu_upper_bound=torch.tensor([4, 7, 4, 9]),
+        is_prefilling=torch.tensor([True, False, True, False]))
+    sub, tokens = vllm_adapter.subset_common_metadata(cm, [1, 2])
+    assert tokens.tolist() == [4, 5, 6, 7, 8]
+    assert sub.query_start_loc_cpu.tolist() == [0, 1, 5] and sub.num_reqs == 2 and sub.num_actual_tokens == 5
+    assert sub.seq_lens.tolist() == [7, 4] and sub.max_seq_len == 7 and sub.max_query_len == 4
+    assert sub.block_table_tensor.tolist() == [[2, 3], [4, 5]]
+    assert sub.slot_mapping.tolist() == [104, 105, 106, 107, 108]
+    assert sub.positions.tolist() == [6, 0, 1, 2, 3] and sub.is_prefilling.tolist() == [False, True]
