@@ -6,7 +6,8 @@ shape) and its "tuned" expert (every weight perturbed), loaded as sub-models of 
 Checks: proxy rows match the pure-torch reference over three Hugging Face models (logprobs within
 LOGPROB_TOL, greedy tokens equal), with chunked prefill and prompt logprobs; alpha 0 and every
 plain row of a mixed batch are bit-identical to the same batch without proxy; two pairs and
-different alphas in one batch; the experts' KV is only reused by requests of the same plan.
+different alphas in one batch; the experts' KV is only reused by requests of the same plan;
+preempted requests are recomputed with their experts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from steerserve.patches.proxy import PAIRS_ENV
 from steerserve.patches.reference import proxy_generate, proxy_token_logprobs
 
 pytestmark = pytest.mark.engine
+
+NUM_BLOCKS = 6  # x 128 tokens (the CPU block size): small enough for a burst to be preempted
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,8 @@ def llm(pairs):
 
     with pairs_env(pairs):
         register()  # this process's plugin registration (the engine core's runs with the env set)
-        engine = make_engine(pairs["base"], max_num_batched_tokens=64, max_model_len=256)
+        engine = make_engine(pairs["base"], max_num_batched_tokens=64, max_model_len=256,
+                             num_gpu_blocks_override=NUM_BLOCKS, disable_log_stats=False)
     yield engine
     close_engine(engine)
 
@@ -137,6 +141,27 @@ def test_sampling_n_and_seed(llm):
     b = llm.generate([prompt(PROMPTS[1], plan)], [sp], use_tqdm=False)[0]
     assert len(a.outputs) == 3
     assert [list(o.token_ids) for o in a.outputs] == [list(o.token_ids) for o in b.outputs]
+
+
+def test_preempted_proxy_requests_stay_proxied(llm, models):
+    """More concurrent work than KV blocks: vLLM preempts and recomputes (base and experts)."""
+    from steerserve.patches.reference import token_logprobs
+
+    items = [(" ".join([PROMPTS[i % len(PROMPTS)]] * 8), proxy("task", 1.0) if i % 2 else None) for i in range(10)]
+    before = _preemptions(llm)
+    outs = run(llm, items, max_tokens=60)
+    assert _preemptions(llm) > before, "the burst did not cause a preemption; shrink NUM_BLOCKS"
+    expert, anti = models["task"]
+    for (_, plan), (toks, lps, prompt_ids, _) in zip(items, outs):
+        if plan is None:
+            ref = token_logprobs(models["base"], prompt_ids, toks, None)
+        else:
+            ref = proxy_token_logprobs(models["base"], expert, anti, prompt_ids, toks, 1.0)
+        assert max(abs(a - b) for a, b in zip(lps, ref)) < LOGPROB_TOL
+
+
+def _preemptions(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
 
 def test_reference_vocab_cut():
