@@ -419,7 +419,8 @@ def check_proxy_checkpoint(pair: str, role: str, folder: Path, base: Path, base_
         if index < limit and by_id.get(index) != token:
             raise FamilyError(f"{what}: tokenizer mismatch: id {index} is {token!r} in the base but "
                               f"{by_id.get(index)!r} here; proxy tuning needs the base's vocabulary")
-    extra = sorted(i for i in by_id if i not in set(base_vocab.values()))
+    base_ids = set(base_vocab.values())
+    extra = sorted(i for i in by_id if i not in base_ids)
     if extra:
         raise FamilyError(f"{what}: tokenizer mismatch: ids {extra[:5]} are tokens the base does not have")
 
