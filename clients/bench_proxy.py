@@ -8,7 +8,8 @@ Same workload everywhere (N chat prompts x T generated tokens, all submitted at 
    from the model (every 2nd layer) and a perturbed copy of it as the expert, in a temp dir):
    `plain`, `all_proxy`, `quarter_proxy` (25% proxy rows among plain ones);
 4. the Hugging Face reference: the three models batched and stepped together, each with its KV
-   cache (`reference.proxy_generate`), on the same N prompts.
+   cache (`reference.proxy_generate`), on the same N prompts; and the base alone (`generate`), whose
+   ratio to the engine's plain run is the ceiling for the engine-vs-reference ratio on this machine.
 Rounds are interleaved within an engine; ratios within an engine are medians of per-round ratios.
 """
 
@@ -124,11 +125,18 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     if not args.skip_hf:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         dtype = getattr(torch, args.dtype)
+        from steerserve.patches.reference import greedy_generate
+
         hf = [AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval() for p in (model_dir, expert, anti)]
+        t0 = time.perf_counter()
+        greedy_generate(hf[0], prompts, T, None, pad)
+        runs["hf_base_alone_batched"] = n * T / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         proxy_generate(*hf, prompts, T, args.proxy_alpha, pad)
         runs["hf_three_models_batched"] = n * T / (time.perf_counter() - t0)
-        _log(f"HF: three models batched: {runs['hf_three_models_batched']:.1f} tok/s")
+        _log(f"HF: base alone {runs['hf_base_alone_batched']:.1f} tok/s, three models batched: "
+             f"{runs['hf_three_models_batched']:.1f} tok/s")
+        ratios["engine_plain_vs_hf_base_alone (the ceiling)"] = runs["base_alone_plain"] / runs["hf_base_alone_batched"]
         ratios["engine_all_proxy_vs_hf_three_models"] = runs["pair_loaded_all_proxy"] / runs["hf_three_models_batched"]
     targets = {"proxy_cost_over_sum_of_three_plain_costs": ("<=", 1.1),
                "plain_with_pair_loaded_vs_without": (">=", 0.9),

@@ -563,12 +563,21 @@ def _mixable_class(module: torch.nn.Module) -> type | None:
     return _mixable_classes[cls]
 
 
+def checkpoint_weights(folder: str | Path):
+    """(name, tensor) of every tensor in a checkpoint folder's safetensors files, one at a time."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                yield key, fh.get_tensor(key)
+
+
 def load_variant_weights(model: torch.nn.Module, load_weights, variants: list[dict]) -> None:
     """After the base weights are loaded (before vLLM processes them), load each fully fine-tuned
     variant through the model's own `load_weights` (parameters' storage swapped to fresh tensors,
     then restored) and keep, per site, the variant's tensors that differ from the base's. Swaps the
     sites' classes to routing ones. `load_weights` is the base class's bound method."""
-    from safetensors import safe_open
 
     sites = mixing_sites(model)
     params = dict(model.named_parameters())
@@ -580,18 +589,10 @@ def load_variant_weights(model: torch.nn.Module, load_weights, variants: list[di
         module.steer_shadows = {}
     for index, variant in enumerate(variants):
         folder = variant["path"]
-        files = sorted(Path(folder).glob("*.safetensors"))
-
-        def weights():
-            for f in files:
-                with safe_open(f, framework="pt") as fh:
-                    for key in fh.keys():
-                        yield key, fh.get_tensor(key)
-
         for p in params.values():
             p.data = torch.empty_like(p.data)
         try:
-            loaded = load_weights(weights())
+            loaded = load_weights(checkpoint_weights(folder))
         finally:
             fresh = {name: p.data for name, p in params.items()}
             for name, p in params.items():
@@ -768,21 +769,11 @@ def build_proxy_models(model: torch.nn.Module, vllm_config: Any, pairs: list[dic
 def load_proxy_weights(model: torch.nn.Module) -> set[str]:
     """Load every sub-model's checkpoint with its own `load_weights`; returns the loaded parameter
     names, prefixed as `model.named_parameters()` names them."""
-    from safetensors import safe_open
-
     loaded: set[str] = set()
     for key, holder in getattr(model, PROXY_ATTR, {}).items():
         for role in PROXY_ROLES:
             sub = getattr(holder, role)
-            files = sorted(Path(sub.steer_path).glob("*.safetensors"))
-
-            def weights(files=files):
-                for f in files:
-                    with safe_open(f, framework="pt") as fh:
-                        for name in fh.keys():
-                            yield name, fh.get_tensor(name)
-
-            names = sub.load_weights(weights()) or set()
+            names = sub.load_weights(checkpoint_weights(sub.steer_path)) or set()
             missing = sorted({n for n, _ in sub.named_parameters()} - set(names))
             if missing:
                 raise ValueError(f"proxy pair {holder.steer_name!r}: {role} {sub.steer_path} lacks weights for "

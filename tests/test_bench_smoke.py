@@ -49,7 +49,8 @@ def test_proxy_bench_runs(tiny_llama, tmp_path):
     results = run_bench(args)
     assert set(results["tok_per_s"]) == {
         "base_alone_plain", "base_alone_plain_control", "expert_alone_plain", "anti_expert_alone_plain",
-        "pair_loaded_plain", "pair_loaded_all_proxy", "pair_loaded_quarter_proxy", "hf_three_models_batched"}
+        "pair_loaded_plain", "pair_loaded_all_proxy", "pair_loaded_quarter_proxy", "hf_three_models_batched",
+        "hf_base_alone_batched"}
     assert all(v > 0 for v in results["tok_per_s"].values())
     assert all(v == v for v in results["ratios"].values()), results["ratios"]  # no NaN
     assert "proxy_cost_over_sum_of_three_plain_costs" in results["ratios"] and out.exists()

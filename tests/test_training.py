@@ -263,7 +263,7 @@ def test_proxy_eval_scores_match_one_at_a_time(tiny_llama, tok, tmp_path):
 
     from steerserve.clients.datasets import MCItem
     from steerserve.patches.reference import proxy_combine
-    from steerserve.training.proxy_eval import choice_scores, score_items
+    from steerserve.training.proxy_eval import add_summary, choice_scores, report, score_items
 
     anti = hf(build_tiny("llama", tmp_path / "anti", seed=3, num_layers=2))
     expert = hf(build_tiny("llama", tmp_path / "expert", seed=4, num_layers=2))
@@ -302,3 +302,10 @@ def test_proxy_eval_scores_match_one_at_a_time(tiny_llama, tok, tmp_path):
         assert abs(got[name][(i, j)] - value) < 1e-3, (name, i, j)
     acc = score_items(models, items, tok, [2.0], batch_size=4)
     assert {k: v["acc_per_char"] for k, v in acc.items()} == accuracy
+    acc["tuned"] = {"acc": 1.0, "acc_per_char": 1.0, "n": 3}
+    add_summary(acc, items)
+    base = acc["base"]["acc"]
+    expected_gap = (acc["proxy a=2"]["acc"] - base) / (1.0 - base) if base < 1 else None
+    assert acc["proxy a=2"]["gap_closed_acc"] == expected_gap
+    assert acc["majority class (reference)"]["acc"] == 1 / 3
+    assert "| proxy a=2 |" in report({"task": "t", "n": 3, "results": acc})

@@ -10,7 +10,9 @@ log-likelihood of its tokens after the rendered generation prompt; accuracy is b
 by the per-character normalised sum (OLMES' `acc_per_char`). The three proxy models see the same
 tokens (as in the engine). Hugging Face models in float32; the proxy arithmetic is
 `patches.reference.proxy_combine`, the function the engine's parity tests check the engine against.
-Standard errors are binomial, sqrt(p (1 - p) / n).
+Standard errors are binomial, sqrt(p (1 - p) / n); the majority-class rate is reported for
+reference. For one-token answers (BoolQ's yes/no) the raw sum is the meaningful metric: per-character
+normalisation favours the longer word.
 """
 
 from __future__ import annotations
@@ -139,12 +141,7 @@ def run_proxy_eval(args: argparse.Namespace) -> dict:
     models = {k: _load(Path(v)) for k, v in paths.items() if v}
     _log(f"{task}: {len(items)} items; models: " + ", ".join(f"{k}={v}" for k, v in paths.items() if v))
     results = score_items(models, items, tokenizer, alphas, args.batch_size)
-    base = results["base"]["acc_per_char"]
-    for name, r in results.items():
-        r["se"] = math.sqrt(r["acc_per_char"] * (1 - r["acc_per_char"]) / r["n"])
-        if name.startswith("proxy") and "tuned" in results:
-            gap = results["tuned"]["acc_per_char"] - base
-            r["gap_closed"] = (r["acc_per_char"] - base) / gap if gap else None
+    add_summary(results, items)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     body = {"task": task, "n": len(items), "paths": paths, "alphas": alphas, "results": results}
@@ -155,12 +152,35 @@ def run_proxy_eval(args: argparse.Namespace) -> dict:
     return body
 
 
+def add_summary(results: dict, items) -> None:
+    """Standard errors, the gap closed per metric, and the majority-class rate for reference (on a
+    task with a skewed label prior, tuning first learns the prior)."""
+    from collections import Counter
+
+    n = len(items)
+    for metric in ("acc", "acc_per_char"):
+        base = results["base"][metric]
+        gap = results["tuned"][metric] - base if "tuned" in results else None
+        for name, r in results.items():
+            r[f"se_{metric}"] = math.sqrt(r[metric] * (1 - r[metric]) / n)
+            if name.startswith("proxy") and gap is not None:
+                r[f"gap_closed_{metric}"] = (r[metric] - base) / gap if gap else None
+    top = Counter(it.gold for it in items).most_common(1)[0][1] / n
+    results["majority class (reference)"] = {"acc": top, "acc_per_char": top, "n": n}
+
+
 def report(body: dict) -> str:
     lines = [f"Task {body['task']}, first {body['n']} items, chat-formatted ranked classification (float32 HF)", "",
-             "| configuration | acc_per_char | acc (raw sum) | SE | gap closed |", "|---|---|---|---|---|"]
+             "| configuration | acc (raw sum) | gap closed (acc) | acc_per_char | gap closed (per char) |",
+             "|---|---|---|---|---|"]
+
+    def gap(r, metric):
+        value = r.get(f"gap_closed_{metric}")
+        return "" if value is None else f"{value:+.2f}"
+
     for name, r in body["results"].items():
-        gap = r.get("gap_closed")
-        gap_text = "" if gap is None else f"{gap:+.2f}"
-        lines.append(f"| {name} | {100 * r['acc_per_char']:.1f} | {100 * r['acc']:.1f} | {100 * r['se']:.1f} | "
-                     f"{gap_text} |")
+        se = r.get("se_acc")
+        se_text = f" ± {100 * se:.1f}" if se is not None else ""
+        lines.append(f"| {name} | {100 * r['acc']:.1f}{se_text} | {gap(r, 'acc')} | {100 * r['acc_per_char']:.1f} | "
+                     f"{gap(r, 'acc_per_char')} |")
     return "\n".join(lines) + "\n"
