@@ -438,6 +438,10 @@ def prepare_proxies(values: list[str] | dict, base: Path, family: Family) -> Non
     if family.variants:
         raise FamilyError("serve proxy pairs and tuned variants from separate servers (the variants' routing and "
                           "LoRA layers would also reach the experts)")
+    base_arch = (json.loads((base / "config.json").read_text()).get("architectures") or ["?"])[0]
+    if base_arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        raise FamilyError(f"the served model is a {base_arch}, served without steering; proxy tuning needs a "
+                          "LlamaForCausalLM or Qwen2ForCausalLM base")
     base_vocab = AutoTokenizer.from_pretrained(base).get_vocab()
     for name, expert, anti in declared:
         if not _PAIR_RE.match(name or ""):

@@ -156,6 +156,13 @@ def test_proxy_pairs_refused_at_start_up(tiny_llama, tmp_path):
             prepare_proxies(values, tiny_llama, family)
     with pytest.raises(FamilyError, match="separate servers"):
         prepare_proxies([f"y={anti},{anti}"], tiny_llama, Family("tiny", None, {"chat": FULL}))
+    other = tmp_path / "gpt2-base"
+    shutil.copytree(tiny_llama, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FamilyError, match="served without steering"):
+        prepare_proxies([f"y={anti},{anti}"], other, Family("tiny"))
 
 
 def test_config_file_proxies(tmp_path):

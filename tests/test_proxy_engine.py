@@ -1,8 +1,9 @@
 """Proxy tuning inside one engine (tiny random Llama base, float32, eager, chunked prefill with a
 64-token budget): base + alpha * (expert - anti_expert) per request.
 
-The pair: a 2-layer anti-expert (another random model than the base, same tokenizer and attention
-shape) and its "tuned" expert (every weight perturbed), loaded as sub-models of the base's engine.
+The pairs: a 2-layer anti-expert (another random model than the base, same tokenizer and attention
+shape) and its "tuned" expert (every weight perturbed); a 3-layer pair with a vocabulary padded by
+64 rows (cut to the base's, as the paper's code does); loaded as sub-models of the base's engine.
 Checks: proxy rows match the pure-torch reference over three Hugging Face models (logprobs within
 LOGPROB_TOL, greedy tokens equal), with chunked prefill and prompt logprobs; alpha 0 and every
 plain row of a mixed batch are bit-identical to the same batch without proxy; two pairs and
@@ -36,7 +37,7 @@ def pairs(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("proxy")
     anti = build_tiny("llama", root / "anti", seed=3, num_layers=2)
     expert = perturbed_copy(anti, root / "expert", seed=11, scale=0.3)
-    anti2 = build_tiny("llama", root / "anti2", seed=5, num_layers=3)
+    anti2 = build_tiny("llama", root / "anti2", seed=5, num_layers=3, vocab_pad=64)  # padded vocab: cut
     expert2 = perturbed_copy(anti2, root / "expert2", seed=13, scale=0.3)
     return {"base": tiny_llama, "task": (expert, anti), "other": (expert2, anti2)}
 

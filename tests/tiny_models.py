@@ -23,13 +23,15 @@ TINY = dict(
 )
 
 
-def build_tiny(arch: str, out: Path, dtype: str = "float32", seed: int = 0, num_layers: int | None = None) -> Path:
-    """Write a tiny random `arch` ("llama" or "qwen2") checkpoint with the embedded tokenizer."""
+def build_tiny(arch: str, out: Path, dtype: str = "float32", seed: int = 0, num_layers: int | None = None,
+               vocab_pad: int = 0) -> Path:
+    """Write a tiny random `arch` ("llama" or "qwen2") checkpoint with the embedded tokenizer
+    (`vocab_pad`: that many unused rows after the tokenizer's vocabulary, as padded vocabularies have)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     src = ensure_embedded_model()
     tok = AutoTokenizer.from_pretrained(src)
-    common = dict(TINY, vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype=dtype)
+    common = dict(TINY, vocab_size=len(tok) + vocab_pad, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype=dtype)
     if num_layers is not None:
         common["num_hidden_layers"] = num_layers
     if arch == "llama":
