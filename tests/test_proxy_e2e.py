@@ -115,3 +115,19 @@ def test_bad_proxy_requests_are_400s(server, steer, field, text):
     err = r.json()["error"]
     assert err["param"] == field and text in err["message"]
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_ab_compare_across_alphas(server, client):
+    """`/v1/ab/compare` runs plain and proxy arms in one batch; each arm equals its single request."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    arms = [{"name": "plain", "steer": {}}, {"name": "proxy-1", "steer": {"proxy": {"alpha": 1.0}}},
+            {"name": "proxy-3", "steer": {"proxy": {"pair": "task", "alpha": 3.0}}}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0.0, "arms": arms}
+    r = httpx.post(f"{server}/v1/ab/compare", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = {a["name"]: a for a in r.json()["arms"]}
+    assert out["proxy-3"]["steer"]["applied"] == [{"steer": "proxy", "pair": "task", "alpha": 3.0}]
+    single = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0.0,
+                                            extra_body={"steer": {"proxy": {"alpha": 3.0}}})
+    assert out["proxy-3"]["choices"][0]["message"]["content"] == single.choices[0].message.content
+    assert out["proxy-3"]["diverges_at"] is not None
