@@ -1,4 +1,7 @@
-"""A model family: the served base with its tuned variants, and `steer.mixing` (TAIA) per request.
+"""A model family: the served base with its tuned variants and proxy pairs, and per request
+`steer.mixing` (TAIA) and `steer.proxy` (proxy tuning: pairs are declared with
+`--proxy NAME=EXPERT,ANTI_EXPERT` or the config's `proxies:`, checked against the base at start-up by
+`prepare_proxies`, resolved per request by `Family.resolve_proxy`).
 
 Variants are declared with `steerserve serve --variant NAME=PATH` (repeatable) or the config file's
 `variants: {NAME: PATH}`. PATH is either
@@ -48,6 +51,8 @@ class FamilyError(ValueError):
 
 
 class MixingError(ValueError):
+    """A `steer.mixing` or `steer.proxy` value the family cannot serve (a 400 naming `field`)."""
+
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
