@@ -707,7 +707,8 @@ def route_logits_(model: torch.nn.Module, hidden_states: torch.Tensor, logits: t
 #
 # Surfaces: vLLM's Llama/Qwen2 `ForCausalLM` classes built a second time with another HF config
 # (`VllmConfig` / `ModelConfig` shallow copies with `hf_config` replaced, under
-# `set_current_vllm_config`), their `load_weights` and `compute_logits`, the model's inner
+# `set_current_vllm_config`; a `CompilationConfig` copy with mode NONE and every custom op on, sharing
+# `static_forward_context`), their `load_weights` and `compute_logits`, the model's inner
 # `.model(input_ids, positions)`, the `support_torch_compile` wrapper's `do_not_compile` flag (the
 # sub-models run eagerly, on a varying subset of rows), the forward context's per-layer
 # `attn_metadata` and `slot_mapping` dicts, `AttentionGroup.build_metadata` (wrapped to see each step's
@@ -734,7 +735,7 @@ def build_proxy_models(model: torch.nn.Module, vllm_config: Any, pairs: list[dic
     import importlib
 
     from transformers import AutoConfig
-    from vllm.config import set_current_vllm_config
+    from vllm.config import CompilationMode, set_current_vllm_config
 
     holders = torch.nn.ModuleDict()
     for pair in pairs:
@@ -753,6 +754,14 @@ def build_proxy_models(model: torch.nn.Module, vllm_config: Any, pairs: list[dic
             sub_model_config.hf_text_config = hf_config
             sub_config = copy.copy(vllm_config)
             sub_config.model_config = sub_model_config
+            # the sub-models run eagerly: give them vLLM's own kernels for norms, activations and
+            # rotary embeddings (a compiled engine disables those custom ops in favour of its graph,
+            # leaving the slow native torch path to anything not compiled). The copy shares the
+            # static forward context, where their attention layers register.
+            sub_compilation = copy.copy(vllm_config.compilation_config)
+            sub_compilation.mode = CompilationMode.NONE
+            sub_compilation.custom_ops = ["all"]
+            sub_config.compilation_config = sub_compilation
             with set_current_vllm_config(sub_config):
                 sub = cls(vllm_config=sub_config, prefix=f"{PROXY_ATTR}.{key}.{role}")
             inner = getattr(sub, "model", None)
