@@ -737,6 +737,7 @@ def build_proxy_models(model: torch.nn.Module, vllm_config: Any, pairs: list[dic
     from transformers import AutoConfig
     from vllm.config import CompilationMode, set_current_vllm_config
 
+    install_metadata_recorder()  # idempotent: also where the plugin registered before the pairs were declared
     holders = torch.nn.ModuleDict()
     for pair in pairs:
         holder = torch.nn.Module()
@@ -795,6 +796,7 @@ def load_proxy_weights(model: torch.nn.Module) -> set[str]:
 _step_metadata: dict[int, tuple[Any, Any]] = {}  # id(attention group) -> (group, common metadata) this step
 _layer_group: dict[str, int] = {}  # attention layer name -> id(its attention group)
 _known_groups: set[int] = set()
+_fallback_warned: list[str] = []
 _build_metadata_original: Any = None
 
 
@@ -940,8 +942,10 @@ def run_proxy_experts(model: torch.nn.Module, entries: list, input_ids: torch.Te
         holder = holders[names[name]]
         cut = _subset_metadata(holder, [r[0] for r in requests])
         if cut is None:
-            logger.warning("steerserve: proxy pair %r: this step's attention metadata was not seen; its "
-                           "experts run on every row of the step", name)
+            if not _fallback_warned:
+                _fallback_warned.append(name)
+                logger.warning("steerserve: proxy pair %r: a step's attention metadata was not seen; its experts "
+                               "run on every row of such steps (correct, slower; logged once)", name)
             overrides, rows = {}, torch.arange(num_tokens, dtype=torch.long)
         else:
             overrides, rows = cut
