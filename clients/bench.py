@@ -118,6 +118,52 @@ def timed_generate(llm, prompts: list[list[int]], plans: list, max_tokens: int, 
     return dt
 
 
+def measure_engine(path: Path, prompts: list[list[int]], max_tokens: int, workloads: dict, label: str,
+                   repeats: int, dtype: str, compile_: bool = False, tokenizer: Path | None = None):
+    """One steerable engine on `path`: a warm-up, then `interleaved_rounds` of `workloads`; the engine is
+    shut down after. Returns (wall times per workload, per-request decode times per workload)."""
+    from vllm import LLM
+
+    from steerserve.patches import STEERABLE_ARCHITECTURES
+    from steerserve.patches.vllm_adapter import shutdown_engine
+
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
+    n = len(prompts)
+    llm = LLM(model=str(path), tokenizer=str(tokenizer or path), dtype=dtype, enforce_eager=not compile_,
+              max_model_len=1024, kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
+              disable_log_stats=False,  # per-request timestamps for the per-row ratios
+              hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]})
+    decode: dict[str, list[list[float]]] = {}
+
+    def run(plans, name):
+        return timed_generate(llm, prompts, plans, max_tokens, decode.setdefault(name, []))
+
+    run([None] * n, "warm-up")
+    times = interleaved_rounds(workloads, repeats, run, n * max_tokens, label)
+    shutdown_engine(llm)
+    return times, decode
+
+
+def paired_ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b), i.e. tok/s(b) / tok/s(a)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def print_targets_report(runs: dict, ratios: dict, targets: dict) -> None:
+    """The runs' tok/s and the ratios, each ratio with a target marked met / NOT met."""
+    print(f"\n{'run (median over rounds)':<40}{'tok/s':>10}")
+    for k, v in runs.items():
+        print(f"{k:<40}{v:>10.1f}")
+    print(f"\n{'ratio':<56}{'value':>8}  target")
+    for k, v in ratios.items():
+        verdict = ""
+        if k in targets:
+            op, goal = targets[k]
+            ok = v >= goal if op == ">=" else v <= goal
+            verdict = f"{op} {goal}  {'met' if ok else 'NOT met'}"
+        print(f"{k:<56}{v:>8.3f}  {verdict}")
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     if args.steer == "proxy":
         from .bench_proxy import run_proxy_bench

@@ -50,20 +50,15 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import LLM
 
-    from steerserve.patches import STEERABLE_ARCHITECTURES
     from steerserve.patches.mixing import VARIANTS_ENV
     from steerserve.patches.plan import MixingPlan, SteerPlan
-    from steerserve.patches.vllm_adapter import shutdown_engine
     from steerserve.server.model_store import ensure_embedded_model
-    from steerserve.server.schema import ModelInfo
     from steerserve.training.export import merge_full
 
-    from .bench import _prompts, interleaved_rounds, timed_generate
+    from .bench import _prompts, measure_engine, paired_ratio, print_targets_report
 
     model_dir = Path(args.model) if args.model else ensure_embedded_model()
-    info = ModelInfo.from_checkpoint(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     n, T = args.requests, args.max_tokens
     prompts = _prompts(tok, n)
@@ -74,19 +69,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
     taia_plan = SteerPlan(mixing=MixingPlan("v", "tuned", "base", via="weights", index=0))
 
     def measure(workloads: dict, label: str) -> tuple[dict, dict]:
-        llm = LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=True, max_model_len=1024,
-                  kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
-                  disable_log_stats=False,  # per-request timestamps for the per-row ratios
-                  hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[info.architecture]]})
-        decode: dict[str, list[list[float]]] = {}
-
-        def run(plans, name):
-            return timed_generate(llm, prompts, plans, T, decode.setdefault(name, []))
-
-        run([None] * n, "warm-up")
-        times = interleaved_rounds(workloads, args.repeats, run, n * T, label)
-        shutdown_engine(llm)
-        return times, decode
+        return measure_engine(model_dir, prompts, T, workloads, label, args.repeats, args.dtype)
 
     _log(f"engine 1/2: {model_dir.name} without variants, {args.dtype}, eager; {n} requests x {T} tokens")
     os.environ.pop(VARIANTS_ENV, None)
@@ -104,8 +87,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
     def tps(times):
         return n * T / statistics.median(times)
 
-    def paired(times, a, b):
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))  # = tok/s(b) / tok/s(a)
+    paired = paired_ratio
 
     rows = [i for i in range(n) if w2["quarter_taia"][i] is None]
     unmixed = statistics.median(
@@ -149,17 +131,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
                "taia_vs_tuned_rows_in_one_half_half_batch": (">=", 0.9),
                "plain_with_variant_loaded_vs_without": (">=", 0.97),
                "unmixed_rows_decode_time_quarter_taia_over_plain": ("<=", 1.03)}
-    print(f"\n{'run (median over rounds)':<40}{'tok/s':>10}")
-    for k, v in runs.items():
-        print(f"{k:<40}{v:>10.1f}")
-    print(f"\n{'ratio':<56}{'value':>8}  target")
-    for k, v in ratios.items():
-        verdict = ""
-        if k in targets:
-            op, goal = targets[k]
-            ok = v >= goal if op == ">=" else v <= goal
-            verdict = f"{op} {goal}  {'met' if ok else 'NOT met'}"
-        print(f"{k:<56}{v:>8.3f}  {verdict}")
+    print_targets_report(runs, ratios, targets)
     results = {"config": {"model": model_dir.name, "variant": str(variant) if args.variant else "perturbed copy",
                           "requests": n, "max_tokens": T, "dtype": args.dtype, "repeats": args.repeats},
                "tok_per_s": runs, "ratios": ratios}

@@ -42,17 +42,14 @@ def stand_in_pair(model_dir: Path, root: Path) -> tuple[Path, Path]:
 def run_proxy_bench(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm import LLM
 
-    from steerserve.patches import STEERABLE_ARCHITECTURES
     from steerserve.patches.plan import ProxyPlan, SteerPlan
     from steerserve.patches.proxy import PAIRS_ENV
-    from steerserve.patches.reference import proxy_generate
-    from steerserve.patches.vllm_adapter import shutdown_engine
+    from steerserve.patches.reference import greedy_generate, proxy_generate
     from steerserve.server.model_store import ensure_embedded_model
     from steerserve.server.schema import ModelInfo
 
-    from .bench import _prompts, interleaved_rounds, timed_generate
+    from .bench import _prompts, measure_engine, paired_ratio, print_targets_report
 
     model_dir = Path(args.model) if args.model else ensure_embedded_model()
     info = ModelInfo.from_checkpoint(model_dir)
@@ -67,19 +64,7 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     plan = SteerPlan(proxy=ProxyPlan("pair", args.proxy_alpha))
 
     def measure(path: Path, workloads: dict, label: str) -> tuple[dict, dict]:
-        arch = json.loads((path / "config.json").read_text())["architectures"][0]
-        llm = LLM(model=str(path), tokenizer=str(model_dir), dtype=args.dtype, enforce_eager=not args.compile,
-                  max_model_len=1024, kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
-                  disable_log_stats=False, hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]})
-        decode: dict[str, list[list[float]]] = {}
-
-        def run(plans, name):
-            return timed_generate(llm, prompts, plans, T, decode.setdefault(name, []))
-
-        run([None] * n, "warm-up")
-        times = interleaved_rounds(workloads, args.repeats, run, n * T, label)
-        shutdown_engine(llm)
-        return times, decode
+        return measure_engine(path, prompts, T, workloads, label, args.repeats, args.dtype, args.compile, model_dir)
 
     mode = "compiled" if args.compile else "eager"
     os.environ.pop(PAIRS_ENV, None)
@@ -104,8 +89,7 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     def tps(times):
         return n * T / med(times)
 
-    def paired(times, a, b):
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))  # = tok/s(b) / tok/s(a)
+    paired = paired_ratio
 
     runs = {"base_alone_plain": tps(t_base["plain"]), "base_alone_plain_control": tps(t_base["plain_control"]),
             "expert_alone_plain": tps(t_expert["plain"]), "anti_expert_alone_plain": tps(t_anti["plain"]),
@@ -125,8 +109,6 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     if not args.skip_hf:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         dtype = getattr(torch, args.dtype)
-        from steerserve.patches.reference import greedy_generate
-
         hf = [AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval() for p in (model_dir, expert, anti)]
         t0 = time.perf_counter()
         greedy_generate(hf[0], prompts, T, None, pad)
@@ -141,17 +123,7 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     targets = {"proxy_cost_over_sum_of_three_plain_costs": ("<=", 1.1),
                "plain_with_pair_loaded_vs_without": (">=", 0.9),
                "engine_all_proxy_vs_hf_three_models": (">=", 1.5)}
-    print(f"\n{'run (median over rounds)':<40}{'tok/s':>10}")
-    for k, v in runs.items():
-        print(f"{k:<40}{v:>10.1f}")
-    print(f"\n{'ratio':<56}{'value':>8}  target")
-    for k, v in ratios.items():
-        verdict = ""
-        if k in targets:
-            op, goal = targets[k]
-            ok = v >= goal if op == ">=" else v <= goal
-            verdict = f"{op} {goal}  {'met' if ok else 'NOT met'}"
-        print(f"{k:<56}{v:>8.3f}  {verdict}")
+    print_targets_report(runs, ratios, targets)
     results = {"config": {"model": model_dir.name, "expert": str(expert) if args.proxy else "stand-in",
                           "anti_expert": str(anti) if args.proxy else "stand-in (every 2nd layer)",
                           "alpha": args.proxy_alpha, "requests": n, "max_tokens": T, "dtype": args.dtype,

@@ -101,6 +101,17 @@ def select_rows(x: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | Non
     return x[span[0] : span[1]] if span is not None else x.index_select(0, rows)
 
 
+def slice_offset(hidden_states: torch.Tensor, step_hidden: torch.Tensor) -> int | None:
+    """The first token row of `hidden_states` in the step's hidden states when it is a row slice of
+    them (vLLM's prompt-logprobs path passes such slices to `compute_logits`), else None (a gathered
+    copy: the sampled rows)."""
+    h = step_hidden
+    if not (hidden_states.untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
+            and hidden_states.dim() == 2 and h.dim() == 2 and hidden_states.stride() == h.stride()):
+        return None
+    return (hidden_states.data_ptr() - h.data_ptr()) // (h.element_size() * h.stride(0))
+
+
 @dataclass
 class LogitsRoute:
     """What `compute_logits` needs after a mixed step's forward: the forward's output (to tell a
@@ -111,13 +122,10 @@ class LogitsRoute:
 
     def rows_for(self, hidden_states: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """Per variant, the rows of `hidden_states` (a compute_logits input) that are its requests'."""
-        h = self.hidden
-        same_storage = (hidden_states.untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
-                        and hidden_states.dim() == 2 and h.dim() == 2 and hidden_states.stride() == h.stride())
         out: dict[int, torch.Tensor] = {}
-        if same_storage:
+        offset = slice_offset(hidden_states, self.hidden)
+        if offset is not None:
             # a slice of the step's hidden states (prompt logprobs): token rows [offset, offset + n)
-            offset = (hidden_states.data_ptr() - h.data_ptr()) // (h.element_size() * h.stride(0))
             n = hidden_states.shape[0]
             for variant, ranges in self.mix.token_rows.items():
                 idx = [t - offset for s, e in ranges for t in range(max(s, offset), min(e, offset + n))]

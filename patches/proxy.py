@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .mixing import slice_offset
+
 PAIRS_ENV = "STEERSERVE_PROXY_PAIRS"  # JSON list of {"name", "expert", "anti_expert"}: the engine's pairs
 ALPHA_MIN, ALPHA_MAX = -10.0, 10.0
 
@@ -65,16 +67,13 @@ class ProxyRoute:
     def rows_for(self, hidden_states: torch.Tensor, group: ProxyGroup):
         """(rows of `hidden_states`, rows of the group's expert states, alphas) for a compute_logits
         input, or None when it matches neither the sampled rows nor a slice of the step's states."""
-        h = self.hidden
         device = hidden_states.device
-        same_storage = (hidden_states.untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
-                        and hidden_states.dim() == 2 and h.dim() == 2 and hidden_states.stride() == h.stride())
         rows: list[int] = []
         tokens: list[int] = []
         alphas: list[float] = []
-        if same_storage:
+        offset = slice_offset(hidden_states, self.hidden)
+        if offset is not None:
             # a slice of the step's hidden states (prompt logprobs): token rows [offset, offset + n)
-            offset = (hidden_states.data_ptr() - h.data_ptr()) // (h.element_size() * h.stride(0))
             n = hidden_states.shape[0]
             for _, start, end, alpha in group.requests:
                 for t in range(max(start, offset), min(end, offset + n)):

@@ -108,36 +108,35 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
     return argv + list(args.vllm_arg)
 
 
-def _config_variants(path: str) -> dict:
-    """The config file's `variants: {NAME: PATH}` (relative paths from the file's folder)."""
+def _config_section(path: str, key: str) -> tuple[object, Path]:
+    """The config file's top-level `key` (or {}) and the folder relative paths in it start from."""
     from steerserve.server.profiles import ConfigError, read_config_file
 
     try:
-        raw = read_config_file(path).get("variants") or {}
+        raw = read_config_file(path).get(key) or {}
     except ConfigError as err:
         raise SystemExit(f"steerserve serve: --config: {err}") from None
+    return raw, Path(path).resolve().parent
+
+
+def _config_variants(path: str) -> dict:
+    """The config file's `variants: {NAME: PATH}` (relative paths from the file's folder)."""
+    raw, base = _config_section(path, "variants")
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
         raise SystemExit("steerserve serve: --config: `variants` must map names to checkpoint/adapter paths")
-    base = Path(path).resolve().parent
     return {k: str((base / v).resolve()) for k, v in raw.items()}
 
 
 def _config_proxies(path: str) -> dict:
     """The config file's `proxies: {NAME: {expert: PATH, anti_expert: PATH}}` (relative paths from
     the file's folder)."""
-    from steerserve.server.profiles import ConfigError, read_config_file
-
-    try:
-        raw = read_config_file(path).get("proxies") or {}
-    except ConfigError as err:
-        raise SystemExit(f"steerserve serve: --config: {err}") from None
+    raw, base = _config_section(path, "proxies")
     shape_ok = isinstance(raw, dict) and all(
         isinstance(k, str) and isinstance(v, dict) and set(v) == {"expert", "anti_expert"}
         and all(isinstance(x, str) for x in v.values()) for k, v in raw.items())
     if not shape_ok:
         raise SystemExit("steerserve serve: --config: `proxies` must map pair names to "
                          "{expert: PATH, anti_expert: PATH}")
-    base = Path(path).resolve().parent
     return {k: {role: str((base / p).resolve()) for role, p in v.items()} for k, v in raw.items()}
 
 

@@ -390,7 +390,7 @@ def _attention_shape(config: dict) -> tuple:
     return heads, config.get("num_key_value_heads", heads), head_dim
 
 
-def check_proxy_checkpoint(pair: str, role: str, folder: Path, base: Path, base_vocab: dict[str, int]) -> None:
+def check_proxy_checkpoint(pair: str, role: str, folder: Path, base_config: dict, base_vocab: dict[str, int]) -> None:
     """Refuse (FamilyError) an expert / anti-expert the engine cannot combine with the base: not a
     full checkpoint, an unsupported architecture, another vocabulary (ids below the base's vocab
     size must mean the same tokens; a larger padded vocab is fine: it is cut to the base's), or
@@ -403,7 +403,6 @@ def check_proxy_checkpoint(pair: str, role: str, folder: Path, base: Path, base_
     if not ck.is_full_checkpoint(folder):
         raise FamilyError(f"{what} is not a model checkpoint (config.json + *.safetensors)")
     config = json.loads((folder / "config.json").read_text())
-    base_config = json.loads((base / "config.json").read_text())
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
         raise FamilyError(f"{what} is a {arch}; proxy experts must be LlamaForCausalLM or Qwen2ForCausalLM")
@@ -443,7 +442,8 @@ def prepare_proxies(values: list[str] | dict, base: Path, family: Family) -> Non
     if family.variants:
         raise FamilyError("serve proxy pairs and tuned variants from separate servers (the variants' routing and "
                           "LoRA layers would also reach the experts)")
-    base_arch = (json.loads((base / "config.json").read_text()).get("architectures") or ["?"])[0]
+    base_config = json.loads((base / "config.json").read_text())
+    base_arch = (base_config.get("architectures") or ["?"])[0]
     if base_arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
         raise FamilyError(f"the served model is a {base_arch}, served without steering; proxy tuning needs a "
                           "LlamaForCausalLM or Qwen2ForCausalLM base")
@@ -457,7 +457,7 @@ def prepare_proxies(values: list[str] | dict, base: Path, family: Family) -> Non
         paths = {}
         for role, raw in (("expert", expert), ("anti_expert", anti)):
             folder = Path(raw).expanduser().resolve()
-            check_proxy_checkpoint(name, role, folder, base, base_vocab)
+            check_proxy_checkpoint(name, role, folder, base_config, base_vocab)
             paths[role] = str(folder)
         family.proxies[name] = ProxyPair(name, paths["expert"], paths["anti_expert"])
         _log(f"proxy pair {name!r}: expert {paths['expert']}, anti-expert {paths['anti_expert']}")

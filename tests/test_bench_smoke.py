@@ -9,14 +9,18 @@ from steerserve.clients.bench import add_bench_args, run_bench
 pytestmark = pytest.mark.engine
 
 
-@pytest.mark.parametrize("steer,mixed", [("infosteer", "half_half"), ("context", "quarter_steered")])
-def test_bench_runs_all_workloads(tiny_llama, tmp_path, steer, mixed):
+def bench_args(model, out, steer):
+    """`steerserve bench` arguments for a tiny workload: 4 requests x 4 tokens, float32, one round."""
     p = argparse.ArgumentParser()
     add_bench_args(p)
+    return p.parse_args(["--model", str(model), "--requests", "4", "--max-tokens", "4", "--dtype", "float32",
+                         "--out", str(out), "--steer", steer, "--repeats", "1"])
+
+
+@pytest.mark.parametrize("steer,mixed", [("infosteer", "half_half"), ("context", "quarter_steered")])
+def test_bench_runs_all_workloads(tiny_llama, tmp_path, steer, mixed):
     out = tmp_path / "bench.json"
-    args = p.parse_args(["--model", str(tiny_llama), "--requests", "4", "--max-tokens", "4",
-                         "--dtype", "float32", "--out", str(out), "--steer", steer, "--repeats", "1"])
-    results = run_bench(args)
+    results = run_bench(bench_args(tiny_llama, out, steer))
     assert set(results["runs"]) == {"engine_plain", "engine_plain_control", "engine_all_steered", f"engine_{mixed}",
                                     "engine_distinct_configs", "hf_shared_config", "hf_distinct_configs"}
     assert f"unsteered_rows_decode_time_{mixed}_over_plain" in results["ratios"]
@@ -25,12 +29,8 @@ def test_bench_runs_all_workloads(tiny_llama, tmp_path, steer, mixed):
 
 
 def test_mixing_bench_runs(tiny_llama, tmp_path):
-    p = argparse.ArgumentParser()
-    add_bench_args(p)
     out = tmp_path / "bench.json"
-    args = p.parse_args(["--model", str(tiny_llama), "--requests", "4", "--max-tokens", "4", "--dtype", "float32",
-                         "--out", str(out), "--steer", "mixing", "--repeats", "1"])
-    results = run_bench(args)
+    results = run_bench(bench_args(tiny_llama, out, "mixing"))
     assert set(results["tok_per_s"]) == {
         "no_variants_plain", "no_variants_plain_control", "variant_loaded_plain", "variant_loaded_all_tuned",
         "variant_loaded_all_taia", "variant_loaded_tuned_taia_half", "variant_loaded_quarter_taia",
@@ -41,12 +41,8 @@ def test_mixing_bench_runs(tiny_llama, tmp_path):
 
 
 def test_proxy_bench_runs(tiny_llama, tmp_path):
-    p = argparse.ArgumentParser()
-    add_bench_args(p)
     out = tmp_path / "bench.json"
-    args = p.parse_args(["--model", str(tiny_llama), "--requests", "4", "--max-tokens", "4", "--dtype", "float32",
-                         "--out", str(out), "--steer", "proxy", "--repeats", "1"])
-    results = run_bench(args)
+    results = run_bench(bench_args(tiny_llama, out, "proxy"))
     assert set(results["tok_per_s"]) == {
         "base_alone_plain", "base_alone_plain_control", "expert_alone_plain", "anti_expert_alone_plain",
         "pair_loaded_plain", "pair_loaded_all_proxy", "pair_loaded_quarter_proxy", "hf_three_models_batched",
