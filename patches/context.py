@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -47,11 +48,33 @@ class _Group:
                 x.index_copy_(0, self.rows, x.index_select(0, self.rows).mul_(factor))
             return
         sub = x.index_select(0, self.rows)
+        shards = _shards
+        if shards is not None:
+            # Tensor parallel: x holds this rank's slice of each row's coefficients, but top-k and
+            # the lift's bottom-m and mean are statistics of the whole row. Gather the steered rows
+            # (every rank runs the same groups in the same order), steer them whole, keep our slice.
+            gather, rank = shards
+            width = sub.shape[-1]
+            sub = gather(sub)
         if self.mode == "topk":
             new = infosteer.topk_rows(sub, self.alpha, self.count, self.count_max)
         else:
             new = infosteer.lift_rows(sub, self.alpha, self.count, self.count_max)
+        if shards is not None:
+            new = new[:, rank * width : (rank + 1) * width]
         x.index_copy_(0, self.rows, new)
+
+
+# (all-gather along the last dim over the tensor-parallel group, this rank) when the FFN is sharded
+_shards: tuple[Callable[[torch.Tensor], torch.Tensor], int] | None = None
+
+
+def set_tensor_parallel(gather: Callable[[torch.Tensor], torch.Tensor] | None, rank: int = 0) -> None:
+    """Declare the FFN coefficients sharded over ranks (vLLM's column-parallel gate/up projection:
+    rank r holds the r-th contiguous slice of each row); `gather` concatenates every rank's [n, d/tp]
+    into [n, d] in rank order. None: not sharded."""
+    global _shards
+    _shards = (gather, rank) if gather is not None else None
 
 
 @dataclass

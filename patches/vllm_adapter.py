@@ -135,6 +135,36 @@ def install_runner_hook() -> None:
     GPUModelRunner._model_forward = _model_forward
 
 
+def install_cpu_pipeline_fix() -> None:
+    """vLLM 0.32's CPU build cannot run pipeline parallelism eagerly: a later pipeline rank copies
+    its input activations into `runner.intermediate_tensors`, a buffer only the warm-up dummy run
+    creates, and the CPU worker skips that warm-up when nothing is compiled and the KV size is set
+    (the stock model fails the same way: `assert self.intermediate_tensors is not None`). Wrap
+    `CPUModelRunner.initialize_kv_cache` (once per worker, after the model is built) to create the
+    buffer as the GPU runner's dummy run does. Idempotent; a no-op on the first rank, when the
+    buffer exists, and on the CUDA build."""
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except Exception:  # noqa: BLE001 - not importable on every platform
+        return
+    original = CPUModelRunner.initialize_kv_cache
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        from vllm.distributed import get_pp_group
+
+        if not get_pp_group().is_first_rank and getattr(self, "intermediate_tensors", None) is None:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
+        return out
+
+    setattr(initialize_kv_cache, _WRAPPED_MARK, True)
+    initialize_kv_cache.__wrapped__ = original
+    CPUModelRunner.initialize_kv_cache = initialize_kv_cache
+
+
 def shutdown_engine(llm: Any) -> None:
     """Stop an offline `vllm.LLM`'s engine-core process now (it busy-polls a CPU core while alive)."""
     llm.llm_engine.engine_core.shutdown()
@@ -167,9 +197,26 @@ class _SteerableMLPMixin:
 _steerable_classes: dict[type, type] = {}
 
 
+def tensor_parallel() -> tuple[int, int]:
+    """(rank, world size) of this worker's tensor-parallel group; (0, 1) without parallel state."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    try:
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:  # noqa: BLE001 - no parallel state (unit tests)
+        return 0, 1
+
+
 def make_mlps_steerable(model: torch.nn.Module) -> int:
     """Swap every gated MLP of `model` for a steerable subclass of its own class, in place
-    (parameters untouched, called before weights load). Returns the number of MLPs swapped."""
+    (parameters untouched, called before weights load). Returns the number of MLPs swapped.
+    Under tensor parallelism each MLP holds a column slice of the FFN (`MergedColumnParallelLinear`
+    gate/up, `RowParallelLinear` down): InfoSteer's whole-row statistics gather the steered rows."""
+    rank, world = tensor_parallel()
+    if world > 1:
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        _context.set_tensor_parallel(lambda t: tensor_model_parallel_all_gather(t.contiguous(), dim=-1), rank)
     swapped = 0
     for layer, mlp in mlp_modules(model):
         cls = type(mlp)
@@ -273,12 +320,7 @@ _steerable_impls: dict[type, type] = {}
 def make_attention_steerable(model: torch.nn.Module) -> int:
     """Swap the attention impl of every decoder self-attention for a steerable subclass of its own
     class, in place. Returns the number of layers swapped."""
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    try:
-        rank = get_tensor_model_parallel_rank()
-    except Exception:  # noqa: BLE001 - no parallel state (unit tests)
-        rank = 0
+    rank, _ = tensor_parallel()
     swapped = 0
     for layer, attn in attention_modules(model):
         impl = attn.impl
@@ -737,6 +779,12 @@ def build_proxy_models(model: torch.nn.Module, vllm_config: Any, pairs: list[dic
     from transformers import AutoConfig
     from vllm.config import CompilationMode, set_current_vllm_config
 
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        # vLLM would split each expert's layers over the pipeline ranks too, while the experts run
+        # as one pass beside the base's last rank: not supported (tensor parallelism is).
+        raise ValueError("proxy-tuning pairs are not supported with pipeline parallelism "
+                         f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}); "
+                         "use tensor parallelism")
     install_metadata_recorder()  # idempotent: also where the plugin registered before the pairs were declared
     holders = torch.nn.ModuleDict()
     for pair in pairs:

@@ -30,7 +30,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"),
                    help="require `Authorization: Bearer <key>` on /v1 routes (default: $STEERSERVE_API_KEY; "
-                        "off when unset)")
+                        "off when unset). Prefer the variable: a command line is visible to every user of "
+                        "the machine. Keys are compared in constant time and never logged")
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
                    help="KV cache size in GiB (default 2); 0 leaves it to vLLM's memory fraction, e.g. on a GPU "
                         "--kv-cache-gb 0 --vllm-arg=--gpu-memory-utilization=0.9")
@@ -68,6 +69,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         'Requests use it with `steer.proxy: {"pair": NAME, "alpha": 1.0}` (logits = base + alpha '
                         "* (expert - anti-expert)); the experts run only for those requests. Also config key "
                         "`proxies: {NAME: {expert: PATH, anti_expert: PATH}}`")
+    par = p.add_argument_group("parallelism (vLLM's own executors; every steer works under them)")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                     help="shard every layer over N devices (default 1). The model's attention heads and FFN "
+                          "width (and any proxy experts') must divide by N. On the CPU build each rank is a "
+                          "process pinned to its share of the cores (VLLM_CPU_OMP_THREADS_BIND, set for you)")
+    par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="N",
+                     help="split the layers into N consecutive stages (default 1); not with --proxy")
+    par.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
+                     help="how ranks are started: mp (processes on this machine, vLLM's default on one node) "
+                          "or ray (a Ray cluster, needed to span machines: start Ray on every node first, "
+                          "see README, Deployment)")
     p.add_argument("--feedback-db", default=None, metavar="FILE",
                    help="SQLite file for A/B experiment responses and feedback (default "
                         "$STEERSERVE_HOME/ab-feedback.sqlite3, i.e. ~/.cache/steerserve/ab-feedback.sqlite3)")
@@ -94,8 +106,6 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
     else:
         print(f"[steerserve] architecture {arch!r} has no steerable version: serving it plain; "
               "steering requests will get HTTP 400", file=sys.stderr)
-    if args.api_key:
-        argv += ["--api-key", args.api_key]
     if not args.compile:
         argv.append("--enforce-eager")
     else:
@@ -104,6 +114,12 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
         argv.append("-cc.cudagraph_mode=NONE")
     if args.max_num_seqs:
         argv += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.tensor_parallel_size != 1:
+        argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.pipeline_parallel_size != 1:
+        argv += ["--pipeline-parallel-size", str(args.pipeline_parallel_size)]
+    if args.distributed_executor_backend:
+        argv += ["--distributed-executor-backend", args.distributed_executor_backend]
     argv.append("--no-enable-prefix-caching" if args.no_prefix_caching else "--enable-prefix-caching")
     return argv + list(args.vllm_arg)
 
@@ -138,6 +154,73 @@ def _config_proxies(path: str) -> dict:
         raise SystemExit("steerserve serve: --config: `proxies` must map pair names to "
                          "{expert: PATH, anti_expert: PATH}")
     return {k: {role: str((base / p).resolve()) for role, p in v.items()} for k, v in raw.items()}
+
+
+def check_parallel(tp: int, pp: int, model: Path, proxies: dict) -> None:
+    """Refuse, before any engine starts, parallel layouts vLLM or steering cannot serve, naming the
+    flag and what divides (vLLM's own checks fire later, deep in a worker's traceback)."""
+    if tp < 1 or pp < 1:
+        raise SystemExit("steerserve serve: --tensor-parallel-size and --pipeline-parallel-size must be >= 1")
+    if pp > 1 and proxies:
+        raise SystemExit("steerserve serve: --pipeline-parallel-size: proxy-tuning pairs are not supported with "
+                         "pipeline parallelism (vLLM would split the experts' layers over the stages); use "
+                         "--tensor-parallel-size")
+    checkpoints = [("the model", model)] + [(f"proxy pair {name!r} {role}", Path(path))
+                                            for name, pair in proxies.items() for role, path in pair.items()]
+    for what, folder in checkpoints:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg = cfg if "num_hidden_layers" in cfg else cfg.get("text_config", cfg)
+        heads = int(cfg.get("num_attention_heads") or 0)
+        kv = int(cfg.get("num_key_value_heads") or heads)
+        width = int(cfg.get("intermediate_size") or 0)
+        layers = int(cfg.get("num_hidden_layers") or 0)
+        problems = []
+        if heads % tp:
+            problems.append(f"{heads} attention heads")
+        if kv and kv % tp and tp % kv:
+            problems.append(f"{kv} KV heads (KV heads must divide by N, or N by them)")
+        if width % tp:
+            problems.append(f"FFN width {width}")
+        if problems:
+            raise SystemExit(f"steerserve serve: --tensor-parallel-size {tp}: {what} ({folder}) has "
+                             f"{', '.join(problems)}: not divisible by {tp}")
+        if what == "the model" and layers < pp:
+            raise SystemExit(f"steerserve serve: --pipeline-parallel-size {pp}: the model has only {layers} layers")
+
+
+def cpu_thread_binding(ranks: int, cores: list[int]) -> str | None:
+    """vLLM's CPU build pins each rank's OpenMP threads to its cores (VLLM_CPU_OMP_THREADS_BIND,
+    ranks separated by '|'): split `cores` evenly, e.g. 2 ranks on [0, 1] -> "0|1", on [0..5] ->
+    "0-2|3-5". None when there are fewer cores than ranks."""
+    if ranks < 1 or len(cores) < ranks:
+        return None
+    cores = sorted(cores)
+    share = len(cores) // ranks
+    parts = []
+    for r in range(ranks):
+        mine = cores[r * share:(r + 1) * share]
+        contiguous = mine[-1] - mine[0] == len(mine) - 1
+        parts.append(f"{mine[0]}-{mine[-1]}" if contiguous and len(mine) > 1
+                     else ",".join(str(c) for c in mine))
+    return "|".join(parts)
+
+
+def _bind_cpu_ranks(ranks: int) -> None:
+    """On the CPU build with several ranks on this machine, give each its share of the cores unless
+    the user set VLLM_CPU_OMP_THREADS_BIND (vLLM's "auto" binds per NUMA node, which does not split
+    a one-node machine between ranks)."""
+    if ranks <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    binding = cpu_thread_binding(ranks, sorted(os.sched_getaffinity(0)))
+    if binding is None:
+        raise SystemExit(f"steerserve serve: {ranks} ranks need at least {ranks} CPU cores, this machine allows "
+                         f"{len(os.sched_getaffinity(0))}")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    print(f"[steerserve] CPU ranks pinned: VLLM_CPU_OMP_THREADS_BIND={binding}", file=sys.stderr)
 
 
 def _is_loopback(host: str) -> bool:
@@ -202,6 +285,11 @@ def serve(args: argparse.Namespace) -> None:
             _family.prepare_proxies(_config_proxies(args.config), model, fam)
     except _family.FamilyError as err:
         raise SystemExit(f"steerserve serve: --proxy: {err}") from None
+    check_parallel(args.tensor_parallel_size, args.pipeline_parallel_size, model,
+                   {name: {"expert": pair.expert, "anti_expert": pair.anti_expert}
+                    for name, pair in fam.proxies.items()})
+    if args.distributed_executor_backend != "ray":  # Ray places ranks on its own nodes' cores
+        _bind_cpu_ranks(args.tensor_parallel_size * args.pipeline_parallel_size)
     variant_argv = _family.vllm_args(fam)
     _family.set_current(fam)
     if fam.variants:
@@ -224,6 +312,10 @@ def serve(args: argparse.Namespace) -> None:
         from steerserve.server.feedback import FEEDBACK_DB_ENV
 
         os.environ[FEEDBACK_DB_ENV] = str(Path(args.feedback_db).expanduser().resolve())
+    if args.api_key:
+        # handed over in the environment, never on a command line (which `ps` shows every user)
+        # nor in the argument list printed below; vLLM's middleware compares keys in constant time
+        os.environ["VLLM_API_KEY"] = args.api_key
     enable_plugins()
     argv = vllm_argv(args, model) + variant_argv
     print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",

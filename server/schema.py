@@ -214,10 +214,6 @@ def _normalise_infosteer(spec: InfoSteerSpec, info: ModelInfo) -> InfoSteerPlan 
         raise SteerError(f"{field}.k", f'only applies to mode "topk" (mode is "{spec.mode}")')
     if spec.mode != "lift" and spec.p is not None:
         raise SteerError(f"{field}.p", f'only applies to mode "lift" (mode is "{spec.mode}")')
-    if spec.mode != "scale" and info.tensor_parallel_size > 1:
-        raise SteerError(
-            f"{field}.mode", f'"{spec.mode}" needs whole FFN rows; under tensor parallelism only "scale" is supported'
-        )
     layers = _resolve_layers(spec.layers, info)
     k = m = 0
     p = 0.0

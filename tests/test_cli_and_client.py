@@ -33,9 +33,14 @@ def test_defaults_serve_loopback_eager_without_auth(tmp_path, monkeypatch):
 
 def test_flags_map_to_vllm(tmp_path):
     args = _args("--api-key", "k", "--compile", "--kv-cache-gb", "0.5", "--max-model-len", "1024",
-                 "--served-model-name", "m", "--vllm-arg=--max-num-batched-tokens=512")
+                 "--served-model-name", "m", "--vllm-arg=--max-num-batched-tokens=512", "-tp", "2",
+                 "--pipeline-parallel-size", "3", "--distributed-executor-backend", "ray")
     argv = cli.vllm_argv(args, _model(tmp_path, "Qwen2ForCausalLM"))
-    assert argv[argv.index("--api-key") + 1] == "k" and "--enforce-eager" not in argv
+    # the key travels in the environment (VLLM_API_KEY, set by `serve`), never in an argument list
+    assert "--api-key" not in argv and "k" not in argv and "--enforce-eager" not in argv
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--pipeline-parallel-size") + 1] == "3"
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
     assert "-cc.cudagraph_mode=NONE" in argv
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1 << 29)
     assert "SteerableQwen2ForCausalLM" in argv[argv.index("--hf-overrides") + 1]
@@ -108,3 +113,41 @@ def test_chat_context_attention_flags():
         "context_attention": {"layers": "all"}}
     assert steer_from_args(p.parse_args(["hi", "--context-heads", "default"])).to_dict()[
         "context_attention"]["heads"] == "default"
+
+
+def _checkpoint(folder, heads=4, kv=2, width=256, layers=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "num_attention_heads": heads, "num_key_value_heads": kv,
+        "intermediate_size": width, "num_hidden_layers": layers}))
+    return folder
+
+
+def test_parallel_layouts_checked_before_start(tmp_path):
+    base = _checkpoint(tmp_path / "base")
+    cli.check_parallel(2, 2, base, {})  # 4 heads, 2 KV heads, width 256, 4 layers: fine
+    cli.check_parallel(4, 1, base, {})  # 2 KV heads replicated over 4 ranks: vLLM's rule allows it
+    with pytest.raises(SystemExit, match=r"--tensor-parallel-size 3: the model .* 4 attention heads, 2 KV heads"):
+        cli.check_parallel(3, 1, base, {})
+    odd = _checkpoint(tmp_path / "odd", width=250)
+    with pytest.raises(SystemExit, match="FFN width 250: not divisible by 4"):
+        cli.check_parallel(4, 1, odd, {})
+    with pytest.raises(SystemExit, match="only 4 layers"):
+        cli.check_parallel(1, 5, base, {})
+    expert = _checkpoint(tmp_path / "expert", width=100)
+    pair = {"p": {"expert": str(expert), "anti_expert": str(base)}}
+    cli.check_parallel(2, 1, base, pair)
+    with pytest.raises(SystemExit, match=r"proxy pair 'p' expert .* FFN width 100: not divisible by 8"):
+        cli.check_parallel(8, 1, _checkpoint(tmp_path / "wide", heads=8, kv=8, width=512), pair)
+    with pytest.raises(SystemExit, match="not supported with pipeline parallelism"):
+        cli.check_parallel(1, 2, base, pair)
+    with pytest.raises(SystemExit, match=">= 1"):
+        cli.check_parallel(0, 1, base, {})
+
+
+def test_cpu_ranks_get_their_share_of_cores():
+    assert cli.cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cli.cpu_thread_binding(2, [0, 1, 2, 3, 4, 5]) == "0-2|3-5"
+    assert cli.cpu_thread_binding(2, [0, 2, 4, 6, 7]) == "0,2|4,6"
+    assert cli.cpu_thread_binding(1, [3]) == "3"
+    assert cli.cpu_thread_binding(4, [0, 1]) is None

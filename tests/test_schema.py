@@ -57,16 +57,18 @@ def test_bad_values_name_the_field(raw, field, words):
     assert words in err.value.message
 
 
-def test_model_without_ffn_support_and_tp_limits():
+def test_model_without_ffn_support_and_tensor_parallel():
     plain = ModelInfo("GPT2LMHeadModel", 12, 3072, ffn_steerable=False)
     with pytest.raises(SteerError, match="no FFN steering support"):
         normalise({"infosteer": {"alpha": 2}}, plain)
     assert normalise({}, plain).is_empty  # no steering asked: fine on any model
     tp2 = ModelInfo("SteerableLlamaForCausalLM", 30, 1536, True, tensor_parallel_size=2)
     assert not normalise({"infosteer": {"alpha": 2}}, tp2).is_empty
+    # top-k and lift gather whole rows across ranks: every mode is served, k bounded by the whole FFN
+    assert normalise({"infosteer": {"alpha": 2, "mode": "topk", "k": 1536}}, tp2).infosteer.k == 1536
     with pytest.raises(SteerError) as err:
-        normalise({"infosteer": {"alpha": 2, "mode": "topk", "k": 4}}, tp2)
-    assert err.value.field == "steer.infosteer.mode"
+        normalise({"infosteer": {"alpha": 2, "mode": "topk", "k": 1537}}, tp2)
+    assert err.value.field == "steer.infosteer.k"
 
 
 def test_echo_shape():
