@@ -24,6 +24,7 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import close_engine, make_engine, model_info
 from engine_checks import (
     LOGPROB_TOL, PROMPTS, build_family, check_mixed_batch_bit_identical, check_mixing_parity,
@@ -38,19 +39,6 @@ pytestmark = pytest.mark.engine
 
 ENGINE = dict(max_num_batched_tokens=64, max_model_len=256)
 MIX_NAMES = {("tuned", "base"): "taia", ("tuned", "tuned"): "tuned", ("base", "tuned"): "ffn-only"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_ranks_on_two_cores():
-    """Pin rank r's threads to core r while the module's engines start (what `steerserve serve`
-    sets for several ranks on the CPU build)."""
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    yield
-    if old is None:
-        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
-    else:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +63,18 @@ def batch(info) -> list[tuple[str, SteerPlan | None]]:
 
 @contextlib.contextmanager
 def engine(model, family=None, **kw):
-    with variants_env(family) if family is not None else contextlib.nullcontext():
-        llm = make_engine(model, **ENGINE, **kw)
+    """An engine; with several ranks, rank r's threads pinned to core r (what `steerserve serve`
+    sets on the CPU build), in the environment its workers inherit at start."""
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        with variants_env(family) if family is not None else contextlib.nullcontext():
+            llm = make_engine(model, **ENGINE, **kw)
+    finally:
+        if old is None:
+            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     try:
         yield llm
     finally:
@@ -224,3 +222,83 @@ class TestPipelineParallel:
                 assert got[:2] == ref_plain[:2], "unsteered row changed by steered neighbours"
         worst = check_against_single_rank_and_reference(outs, single_rank, items, family)
         print(f"PP=2: max |engine - reference| logprob difference {worst:.2e}")
+
+
+# --- the server at TP=2 -------------------------------------------------------------------------
+
+API_KEY = "tp-secret-4f1b9c"
+
+
+@pytest.fixture(scope="class")
+def tp2_server(tiny_llama, tmp_path_factory):
+    """`steerserve serve -tp 2` with a LoRA variant (vLLM multi-LoRA, sharded) and an API key in
+    the environment; the server pins the ranks to the cores itself."""
+    from peft import LoraConfig, get_peft_model
+    from server_proc import running_server
+    from transformers import AutoModelForCausalLM
+
+    from steerserve.training import checkpoints as ck
+    from steerserve.training.export import export_taia
+
+    root = tmp_path_factory.mktemp("tp-server")
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    get_peft_model(model, cfg).save_pretrained(root / "adapter")
+    ck.write_metadata(root / "adapter", "lora", tiny_llama, ck.base_digest(tiny_llama))
+    export_taia(root / "adapter", root / "adapter-taia")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
+    args = ["--model", str(tiny_llama), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len",
+            "256", "--kv-cache-gb", "0.25", "--tensor-parallel-size", "2", "--variant", f"sft={root / 'adapter'}"]
+    log = root / "server.log"
+    saved = os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    try:
+        with running_server(args, log, env={**env, "STEERSERVE_API_KEY": API_KEY,
+                                            "STEERSERVE_HOME": str(root / "home")}) as base:
+            yield base, log, root
+    finally:
+        if saved is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+
+
+class TestServeTensorParallel:
+    def test_steering_and_lora_variant_over_http(self, tp2_server, tiny_llama):
+        import openai
+
+        base, log, root = tp2_server
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+        def complete(model, steer=None):
+            r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0.0, logprobs=0,
+                                          extra_body={"return_token_ids": True, **({"steer": steer} if steer else {})})
+            return r.choices[0].logprobs.token_logprobs, r
+
+        plain, _ = complete("tiny")
+        topk, r = complete("tiny", {"infosteer": {"mode": "topk", "k": 8, "alpha": 4.0, "layers": [0, 3]}})
+        assert r.model_extra["steer"]["applied"][0]["mode"] == "topk" and topk != plain
+        lift, _ = complete("tiny", {"infosteer": {"mode": "lift", "p": 0.1, "alpha": 3.0}})
+        assert lift != plain
+
+        def chat(steer=None):
+            r = client.chat.completions.create(
+                model="tiny", max_tokens=8, temperature=0.0, logprobs=True,
+                messages=[{"role": "system", "content": "Answer from the context."},
+                          {"role": "user", "content": "Context: the door is blue. What colour is the door?"}],
+                extra_body={"steer": steer} if steer else None)
+            return [t.logprob for t in r.choices[0].logprobs.content]
+
+        # heads of both ranks (global heads 1 and 2 live on ranks 0 and 1)
+        assert chat({"context_attention": {"alpha": 0.2, "heads": [[0, 1], [3, 2]]}}) != chat()
+        taia, r_taia = complete("sft", {"mixing": "taia"})
+        tuned, r_tuned = complete("sft")
+        assert taia != plain and tuned != plain and taia != tuned
+        # the sharded LoRA layers give the single-device Hugging Face model's greedy tokens
+        from test_family_e2e import greedy_hf
+
+        prompt_ids = list(r_taia.choices[0].prompt_token_ids)
+        assert list(r_taia.choices[0].token_ids) == greedy_hf(tiny_llama, prompt_ids, adapter=root / "adapter-taia")
+        assert list(r_tuned.choices[0].token_ids) == greedy_hf(tiny_llama, prompt_ids, adapter=root / "adapter")
+        text = log.read_text()
+        assert "VLLM_CPU_OMP_THREADS_BIND=0|1" in text and "tensor_parallel_size=2" in text
+        assert API_KEY not in text, "the API key was written to the server log"
