@@ -16,6 +16,14 @@ import json
 from dataclasses import asdict, dataclass
 
 EXTRA_ARGS_KEY = "steer"
+# The engine only runs plans its own API server validated: `steerserve serve` puts a random key in
+# this variable (inherited by the engine processes) and the API server signs each plan's JSON with
+# HMAC-SHA256 under SIGNATURE_KEY. Other routes of vLLM's server (/v1/responses, /v1/messages,
+# /invocations, ...) pass `vllm_xargs` through unvalidated: an unsigned or forged plan is refused
+# by the engine (the request runs unsteered, logged), never parsed into a forward pass. Without the
+# variable (an offline `vllm.LLM` in the caller's own code) plans are trusted.
+PLAN_KEY_ENV = "STEERSERVE_PLAN_KEY"
+SIGNATURE_KEY = "steer_signature"
 INFOSTEER_MODES = ("scale", "topk", "lift")
 
 
@@ -167,6 +175,56 @@ class SteerPlan:
         if self.is_empty:
             return {"applied": [], "fingerprint": None, "note": "no steering applied (empty or neutral)"}
         return {"applied": self.applied(), "fingerprint": self.fingerprint()}
+
+
+def _plan_key() -> bytes | None:
+    import os
+
+    raw = os.environ.get(PLAN_KEY_ENV)
+    return raw.encode() if raw else None
+
+
+def plan_signature(text: str, key: bytes) -> str:
+    import hashlib
+    import hmac
+
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def engine_args(plan: "SteerPlan") -> dict[str, str]:
+    """The sampling-params extra args that carry `plan` to the engine (signed when the server has
+    a plan key)."""
+    text = plan.to_json()
+    key = _plan_key()
+    return {EXTRA_ARGS_KEY: text, **({SIGNATURE_KEY: plan_signature(text, key)} if key else {})}
+
+
+class PlanRefused(ValueError):
+    """A plan the engine will not run (unsigned, forged or malformed)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _verified(text: str, signature: str | None, key: bytes | None) -> SteerPlan:
+    import hmac
+
+    if key is not None and (not isinstance(signature, str)
+                            or not hmac.compare_digest(signature, plan_signature(text, key))):
+        raise PlanRefused("the steering plan is not signed by this server's API process")
+    try:
+        return parse_plan(text)
+    except Exception as err:  # noqa: BLE001 - any malformed plan text
+        raise PlanRefused(f"malformed steering plan ({type(err).__name__})") from None
+
+
+def plan_from_engine_args(extra: dict) -> SteerPlan | None:
+    """The plan a request's extra args carry (None: unsteered). Raises PlanRefused when it must
+    not run. Cached per (text, signature): once per request per worker."""
+    text = extra.get(EXTRA_ARGS_KEY)
+    if not text:
+        return None
+    if not isinstance(text, str):
+        raise PlanRefused("the steering plan is not a string")
+    return _verified(text, extra.get(SIGNATURE_KEY), _plan_key())
 
 
 @functools.lru_cache(maxsize=4096)

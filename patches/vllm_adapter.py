@@ -38,11 +38,14 @@ from . import mixing as _mixing
 from . import proxy as _proxy
 from .context import build_step_context, ffn_steer, use_step_context
 from .context_attention import CpuPagedKV, FlashPagedKV, PagedKV
-from .plan import EXTRA_ARGS_KEY, parse_plan
+from .plan import PlanRefused, plan_from_engine_args
 
 logger = logging.getLogger("steerserve")
 
 _WRAPPED_MARK = "_steerserve_wrapped"
+
+
+_refused: set[str] = set()  # requests whose plan the engine refused (logged once each)
 
 
 def steered_row_entries(runner: Any) -> tuple[list, list, list, list]:
@@ -66,10 +69,17 @@ def steered_row_entries(runner: Any) -> tuple[list, list, list, list]:
         extra = params.extra_args if params is not None else None
         if not extra:
             continue
-        text = extra.get(EXTRA_ARGS_KEY)
-        if not text:
+        try:
+            plan = plan_from_engine_args(extra)
+        except PlanRefused as err:
+            if req_id not in _refused:  # once per request, not per step
+                if len(_refused) > 4096:
+                    _refused.clear()
+                _refused.add(req_id)
+                logger.error("steerserve: request %s: %s; running it unsteered", req_id, err)
             continue
-        plan = parse_plan(text)
+        if plan is None:
+            continue
         start, end = int(qsl[i]), int(qsl[i + 1])
         if end <= start:
             continue

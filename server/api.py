@@ -22,11 +22,11 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import State
 
-from steerserve.patches.plan import EXTRA_ARGS_KEY, SteerPlan
+from steerserve.patches.plan import EXTRA_ARGS_KEY, SIGNATURE_KEY, SteerPlan, engine_args
 
 from steerserve.training.indicator import apply_indicator
 
-from . import family, feedback, metrics, spans
+from . import family, feedback, limits, metrics, spans
 from .experiments import UNIT_HEADER, resolve_experiment
 from .profiles import load_for_server
 from .schema import SteerError, normalise, resolve_profile
@@ -138,6 +138,9 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
     against the served model, and put the plan on a parsed vLLM request (mutates
     `request.vllm_xargs` and `request.cache_salt`; with context attention also the text, see
     `_prepare_spans`). Raises SteerError naming the field."""
+    if limits.depth_exceeds(raw, limits.MAX_STEER_DEPTH):
+        raise SteerError("steer", f"nested deeper than {limits.MAX_STEER_DEPTH} levels (the deepest valid steer "
+                                  "object has 4)")
     config = state.steerserve_config
     raw, experiment = resolve_experiment(raw, config.experiments, unit)
     raw, profile = resolve_profile(raw, config.profiles)
@@ -158,7 +161,7 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
         except spans.SpanError as err:
             raise SteerError(err.field, err.message) from None
     if not plan.is_empty:
-        request.vllm_xargs = {**(request.vllm_xargs or {}), EXTRA_ARGS_KEY: plan.to_json()}
+        request.vllm_xargs = {**(request.vllm_xargs or {}), **engine_args(plan)}
         # Steering changes the KV a prompt produces: salt the prefix cache with the plan, so a
         # steered request never reuses KV computed under another plan (and repeats reuse theirs).
         salt = f"steer:{plan.fingerprint()}"
@@ -204,7 +207,7 @@ async def _render_hook(kind: str, serving, request, result):
 
     resolved = replace(job.plan, context_attention=replace(ctx, spans=found, prompt_len=len(ids)))
     job.resolved = resolved
-    request.vllm_xargs = {**(request.vllm_xargs or {}), EXTRA_ARGS_KEY: resolved.to_json()}
+    request.vllm_xargs = {**(request.vllm_xargs or {}), **engine_args(resolved)}
     if ctx.emphasis != "user":
         # "user" spans depend only on the prompt prefix (prefix-cache safe with the plan's salt);
         # "last_user" and "marked" spans do not: salt with the resolved spans too.
@@ -221,8 +224,9 @@ def take_plan(request, raw_request: Request, field_prefix: str = "",
     the request had no `steer` field; a 400 response naming `field_prefix` + the field, or None).
     """
     extra = request.model_extra or {}
-    if request.vllm_xargs and EXTRA_ARGS_KEY in request.vllm_xargs:
-        field = f"{field_prefix}vllm_xargs.steer"
+    if request.vllm_xargs and (EXTRA_ARGS_KEY in request.vllm_xargs or SIGNATURE_KEY in request.vllm_xargs):
+        key = EXTRA_ARGS_KEY if EXTRA_ARGS_KEY in request.vllm_xargs else SIGNATURE_KEY
+        field = f"{field_prefix}vllm_xargs.{key}"
         return None, bad_request(field, f"{field} is reserved for steerserve; pass steering as the `steer` field")
     if STEER_FIELD not in extra and not family.current().needs_plan(getattr(request, "model", None)):
         return None, None
@@ -376,6 +380,38 @@ def feedback_db_path():
     return os.environ.get(feedback.FEEDBACK_DB_ENV) or str(cache_root() / "ab-feedback.sqlite3")
 
 
+# request bodies of vLLM's routes that accept `steer` (OpenAPI component names)
+STEERABLE_REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest")
+
+
+def document_steer_in_openapi(app: FastAPI) -> None:
+    """Add the `steer` object (`SteerSpec`'s JSON schema) to the generation requests' bodies in
+    the server's OpenAPI document: vLLM's request models take it as an extra field, so FastAPI
+    would not list it (clients and API fuzzers read the contract from /openapi.json)."""
+    from .schema import SteerSpec
+
+    original = app.openapi
+
+    def openapi():
+        if getattr(app, "_steerserve_openapi", None) is not None:
+            return app._steerserve_openapi
+        schema = original()
+        steer = SteerSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in steer.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components["SteerSpec"] = steer
+        for name in STEERABLE_REQUEST_SCHEMAS:
+            if name in components:
+                components[name].setdefault("properties", {})["steer"] = {
+                    "anyOf": [{"$ref": "#/components/schemas/SteerSpec"}, {"type": "null"}],
+                    "description": "steerserve: per-request steering (README, The steering contract)"}
+        app._steerserve_openapi = schema
+        return schema
+
+    app.openapi = openapi
+
+
 class SteerEndpointPlugin:
     """vLLM endpoint plugin: replaces the generation routes, records the served model's shape."""
 
@@ -385,6 +421,8 @@ class SteerEndpointPlugin:
     def attach_router(self, app: FastAPI) -> None:
         from .compare import router as compare_router
 
+        app.add_middleware(limits.BodyLimit)
+        document_steer_in_openapi(app)
         app.include_router(router)
         app.include_router(compare_router)
         app.include_router(feedback.router)

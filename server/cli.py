@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feedback-db", default=None, metavar="FILE",
                    help="SQLite file for A/B experiment responses and feedback (default "
                         "$STEERSERVE_HOME/ab-feedback.sqlite3, i.e. ~/.cache/steerserve/ab-feedback.sqlite3)")
+    lim = p.add_argument_group("per-request limits (README, Limits)")
+    lim.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
+                     help="largest request body accepted; larger ones get HTTP 413 before they are read "
+                          "(default 4194304, 4 MiB)")
+    lim.add_argument("--max-n", type=int, default=None, metavar="N",
+                     help="most completions one request may ask for with `n` (default 16; vLLM's own cap, "
+                          "VLLM_MAX_N_SEQUENCES, when set)")
+    lim.add_argument("--max-prompts", type=int, default=None, metavar="N",
+                     help="most prompts in one /v1/completions request (default 64; vLLM's "
+                          "VLLM_MAX_COMPLETION_PROMPTS when set)")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="pass one more argument to vLLM's server verbatim (repeatable), "
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
@@ -223,6 +234,26 @@ def _bind_cpu_ranks(ranks: int) -> None:
     print(f"[steerserve] CPU ranks pinned: VLLM_CPU_OMP_THREADS_BIND={binding}", file=sys.stderr)
 
 
+def set_request_limits(args: argparse.Namespace) -> None:
+    """Per-request caps, handed to the API server in its environment: the body size cap is
+    steerserve's (`limits.BodyLimit`), `n` and the prompt count are vLLM's own checks with lower
+    defaults (a flag wins over a variable the user set; the variable over the default)."""
+    from steerserve.server import limits
+
+    for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-n", args.max_n),
+                        ("--max-prompts", args.max_prompts)):
+        if value is not None and value < 1:
+            raise SystemExit(f"steerserve serve: {flag} must be >= 1")
+    if args.max_request_bytes is not None:
+        os.environ[limits.MAX_REQUEST_BYTES_ENV] = str(args.max_request_bytes)
+    for env, value, default in (("VLLM_MAX_N_SEQUENCES", args.max_n, limits.DEFAULT_MAX_N),
+                                ("VLLM_MAX_COMPLETION_PROMPTS", args.max_prompts, limits.DEFAULT_MAX_PROMPTS)):
+        if value is not None:
+            os.environ[env] = str(value)
+        else:
+            os.environ.setdefault(env, str(default))
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -312,6 +343,16 @@ def serve(args: argparse.Namespace) -> None:
         from steerserve.server.feedback import FEEDBACK_DB_ENV
 
         os.environ[FEEDBACK_DB_ENV] = str(Path(args.feedback_db).expanduser().resolve())
+    set_request_limits(args)
+    from steerserve.patches.plan import PLAN_KEY_ENV
+
+    # the engine runs only plans this API process signed (see patches/plan.py); one key per start
+    os.environ.setdefault(PLAN_KEY_ENV, secrets.token_hex(32))
+    if args.distributed_executor_backend == "ray":
+        # Ray workers on other nodes do not inherit this process's environment: have vLLM copy
+        # steerserve's settings (variants, proxy pairs, head sets, plan key) to them
+        prefixes = [p for p in os.environ.get("VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY", "").split(",") if p]
+        os.environ["VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"] = ",".join(dict.fromkeys([*prefixes, "STEERSERVE_"]))
     if args.api_key:
         # handed over in the environment, never on a command line (which `ps` shows every user)
         # nor in the argument list printed below; vLLM's middleware compares keys in constant time
