@@ -1,4 +1,5 @@
-"""The `steerserve` command: serve, chat, bench, eval-context, heads profile, ab-eval, train, prepare-model."""
+"""The `steerserve` command: serve, chat, bench, eval-context, heads profile, ab-eval, train, prepare-model,
+loadtest, deploy render."""
 
 from __future__ import annotations
 
@@ -62,6 +63,18 @@ def main(argv: list[str] | None = None) -> None:
 
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
 
+    from steerserve.clients.loadtest import add_loadtest_args
+
+    add_loadtest_args(sub.add_parser(
+        "loadtest", help="reliability: concurrent streaming clients with mixed steering, some hanging up"))
+
+    from steerserve.deploy.render import add_render_args
+
+    p_deploy = sub.add_parser("deploy", help="deployment: Kubernetes manifests from deploy/values.yaml")
+    deploy_sub = p_deploy.add_subparsers(dest="deploy_command", required=True)
+    add_render_args(deploy_sub.add_parser(
+        "render", help="render Kubernetes manifests (single-gpu, multi-node or cpu) into a folder"))
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         from steerserve.server.cli import serve
@@ -115,6 +128,12 @@ def main(argv: list[str] | None = None) -> None:
         from steerserve.server.model_store import ensure_embedded_model
 
         print(ensure_embedded_model())
+    elif args.command == "loadtest":
+        args.func(args)
+    elif args.command == "deploy":
+        from steerserve.deploy.render import run_render
+
+        run_render(args)
 
 
 if __name__ == "__main__":

@@ -396,6 +396,8 @@ def document_steer_in_openapi(app: FastAPI) -> None:
         if getattr(app, "_steerserve_openapi", None) is not None:
             return app._steerserve_openapi
         schema = original()
+        for path in limits.UNSERVED_PATHS:
+            schema.get("paths", {}).pop(path, None)
         steer = SteerSpec.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in steer.pop("$defs", {}).items():

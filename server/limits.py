@@ -20,6 +20,10 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # 4 MiB: ~100x the longest prompt a 4096-to
 DEFAULT_MAX_N = 16  # completions per request (vLLM's own default cap is 16384)
 DEFAULT_MAX_PROMPTS = 64  # prompts per /v1/completions request (vLLM's default cap is 1024)
 MAX_STEER_DEPTH = 8  # nesting levels of the `steer` object (the deepest valid one has 4)
+# vLLM routes steerserve does not serve (answered 404, left out of /openapi.json): the structured
+# decision API (no model here supports it: vLLM answers 501) and elastic expert-parallel scaling
+# (administrative, for MoE deployments launched for it)
+UNSERVED_PATHS = frozenset({"/v1/systemone", "/scale_elastic_ep", "/is_scaling_elastic_ep"})
 
 
 def max_request_bytes() -> int:
@@ -46,19 +50,21 @@ def depth_exceeds(value: object, limit: int) -> bool:
 
 
 def _error_body(status: int, message: str, param: str) -> bytes:
-    kind = {413: "RequestEntityTooLarge", 400: "BadRequestError"}.get(status, "Error")
+    kind = {413: "RequestEntityTooLarge", 400: "BadRequestError", 404: "NotFoundError"}.get(status, "Error")
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over `max_bytes` with 413 (OpenAI error object)."""
+    """ASGI middleware: refuse request bodies over `max_bytes` with 413 (OpenAI error object), and
+    answer the `UNSERVED_PATHS` with 404."""
 
-    def __init__(self, app, max_bytes: int | None = None) -> None:
+    def __init__(self, app, max_bytes: int | None = None, unserved: frozenset = UNSERVED_PATHS) -> None:
         self.app = app
         self.max_bytes = max_request_bytes() if max_bytes is None else max_bytes
+        self.unserved = unserved
 
     async def _refuse(self, send, status: int, message: str) -> None:
-        body = _error_body(status, message, "body")
+        body = _error_body(status, message, "path" if status == 404 else "body")
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -67,6 +73,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope.get("path") in self.unserved:
+            await self._refuse(send, 404, f"{scope.get('path')} is not served by steerserve")
             return
         cap = self.max_bytes
         declared = dict(scope.get("headers") or ()).get(b"content-length")
