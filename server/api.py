@@ -396,8 +396,8 @@ def document_steer_in_openapi(app: FastAPI) -> None:
         if getattr(app, "_steerserve_openapi", None) is not None:
             return app._steerserve_openapi
         schema = original()
-        for path in limits.UNSERVED_PATHS:
-            schema.get("paths", {}).pop(path, None)
+        for path in [p for p in schema.get("paths", {}) if limits.unserved(p.split("{")[0].rstrip("/") or p)]:
+            schema["paths"].pop(path)
         steer = SteerSpec.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in steer.pop("$defs", {}).items():
@@ -412,6 +412,16 @@ def document_steer_in_openapi(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi
+
+
+_served_engine: list = []  # the engine client this process serves (set at start-up)
+
+
+def engine_died() -> bool:
+    """Whether the engine this API process served died (read after the server stopped)."""
+    from steerserve.patches.vllm_adapter import engine_dead
+
+    return any(engine_dead(client) for client in _served_engine)
 
 
 class SteerEndpointPlugin:
@@ -432,6 +442,7 @@ class SteerEndpointPlugin:
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         if engine_client is None:
             raise RuntimeError("steerserve needs an engine; the render-only server is not supported")
+        _served_engine.append(engine_client)
         state.steerserve_model_info = model_info_from_engine(engine_client)
         state.steerserve_config = load_for_server(state.steerserve_model_info)
         state.steerserve_feedback = feedback.FeedbackStore(feedback_db_path())

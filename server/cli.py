@@ -94,6 +94,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-prompts", type=int, default=None, metavar="N",
                      help="most prompts in one /v1/completions request (default 64; vLLM's "
                           "VLLM_MAX_COMPLETION_PROMPTS when set)")
+    p.add_argument("--enable-responses-api", action="store_true",
+                   help="also serve vLLM's /v1/responses routes (off by default: steering does not apply there, "
+                        "and vLLM 0.32 answers 500 to some inputs, see README, Limits)")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="pass one more argument to vLLM's server verbatim (repeatable), "
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
@@ -344,6 +347,10 @@ def serve(args: argparse.Namespace) -> None:
 
         os.environ[FEEDBACK_DB_ENV] = str(Path(args.feedback_db).expanduser().resolve())
     set_request_limits(args)
+    if args.enable_responses_api:
+        from steerserve.server.limits import RESPONSES_API_ENV
+
+        os.environ[RESPONSES_API_ENV] = "1"
     from steerserve.patches.plan import PLAN_KEY_ENV
 
     # the engine runs only plans this API process signed (see patches/plan.py); one key per start
@@ -364,3 +371,11 @@ def serve(args: argparse.Namespace) -> None:
     from steerserve.patches.vllm_adapter import run_openai_server
 
     run_openai_server(argv)
+    from steerserve.server.api import engine_died
+
+    if engine_died():
+        # vLLM stops the API server cleanly when its engine dies; exit non-zero so that any
+        # supervisor (Kubernetes, systemd Restart=on-failure, docker --restart) restarts it
+        print("[steerserve] the engine process died: exiting with status 1 (see the log above for its error)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1)

@@ -21,9 +21,20 @@ DEFAULT_MAX_N = 16  # completions per request (vLLM's own default cap is 16384)
 DEFAULT_MAX_PROMPTS = 64  # prompts per /v1/completions request (vLLM's default cap is 1024)
 MAX_STEER_DEPTH = 8  # nesting levels of the `steer` object (the deepest valid one has 4)
 # vLLM routes steerserve does not serve (answered 404, left out of /openapi.json): the structured
-# decision API (no model here supports it: vLLM answers 501) and elastic expert-parallel scaling
-# (administrative, for MoE deployments launched for it)
+# decision API (no model here supports it: vLLM answers 501), elastic expert-parallel scaling
+# (administrative, for MoE deployments launched for it), and the Responses API unless
+# `serve --enable-responses-api` (steering does not apply there, and vLLM 0.32 answers 500 to some
+# inputs: the API fuzz found a `refusal` item in `input` raising AttributeError)
 UNSERVED_PATHS = frozenset({"/v1/systemone", "/scale_elastic_ep", "/is_scaling_elastic_ep"})
+RESPONSES_API_PREFIX = "/v1/responses"
+RESPONSES_API_ENV = "STEERSERVE_ENABLE_RESPONSES_API"
+
+
+def unserved(path: str) -> bool:
+    if path in UNSERVED_PATHS:
+        return True
+    return (path == RESPONSES_API_PREFIX or path.startswith(RESPONSES_API_PREFIX + "/")) and \
+        os.environ.get(RESPONSES_API_ENV) != "1"
 
 
 def max_request_bytes() -> int:
@@ -56,12 +67,11 @@ def _error_body(status: int, message: str, param: str) -> bytes:
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over `max_bytes` with 413 (OpenAI error object), and
-    answer the `UNSERVED_PATHS` with 404."""
+    answer the vLLM routes steerserve does not serve (`unserved`) with 404."""
 
-    def __init__(self, app, max_bytes: int | None = None, unserved: frozenset = UNSERVED_PATHS) -> None:
+    def __init__(self, app, max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_request_bytes() if max_bytes is None else max_bytes
-        self.unserved = unserved
 
     async def _refuse(self, send, status: int, message: str) -> None:
         body = _error_body(status, message, "path" if status == 404 else "body")
@@ -74,7 +84,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope.get("path") in self.unserved:
+        if unserved(scope.get("path", "")):
             await self._refuse(send, 404, f"{scope.get('path')} is not served by steerserve")
             return
         cap = self.max_bytes

@@ -24,6 +24,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(args: list[str], log: Path, timeout: float = 300, env: dict | None = None):
     """`steerserve serve --port <free> *args` until healthy; yields the base URL; stops it after."""
+    with running_server_proc(args, log, timeout, env) as (base, _):
+        yield base
+
+
+@contextlib.contextmanager
+def running_server_proc(args: list[str], log: Path, timeout: float = 300, env: dict | None = None):
+    """As `running_server`, yielding (base URL, the server's Popen)."""
     port = free_port()
     cmd = [sys.executable, "-m", "steerserve.clients.cli", "serve", "--port", str(port), *args]
     with open(log, "w") as fh:
@@ -43,7 +50,7 @@ def running_server(args: list[str], log: Path, timeout: float = 300, env: dict |
             if time.time() > deadline:
                 pytest.fail(f"server did not become healthy:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield base
+        yield base, proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -86,5 +86,18 @@ def test_unserved_vllm_routes_are_404():
     async def systemone():
         return {"never": "reached"}
 
-    r = TestClient(app).post("/v1/systemone", json={})
+    @app.get("/v1/responses/{rid}")
+    async def responses(rid: str):
+        return {"id": rid}
+
+    client = TestClient(app)
+    r = client.post("/v1/systemone", json={})
     assert r.status_code == 404 and r.json()["error"]["param"] == "path"
+    assert client.get("/v1/responses/x").status_code == 404
+    import os
+
+    os.environ["STEERSERVE_ENABLE_RESPONSES_API"] = "1"
+    try:
+        assert client.get("/v1/responses/x").json() == {"id": "x"}
+    finally:
+        del os.environ["STEERSERVE_ENABLE_RESPONSES_API"]
