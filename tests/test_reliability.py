@@ -27,15 +27,39 @@ MSG = [{"role": "user", "content": "Say something."}]
 FUZZ_EXAMPLES = 140  # per operation (routes with few distinct inputs run out sooner): ~1250 cases
 
 
+CONFIG = """
+profiles:
+  strong: {infosteer: {alpha: 3.0}}
+experiments:
+  tone:
+    arms:
+      - {name: control}
+      - {name: strong, profile: strong}
+"""
+
+
+def server_args(model, root):
+    return ["--model", str(model), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "128",
+            "--kv-cache-gb", "0.25", "--feedback-db", str(root / "ab.sqlite3"), "--config", str(root / "config.yaml")]
+
+
+def server_env(root):
+    return {"STEERSERVE_API_KEY": API_KEY, "STEERSERVE_HOME": str(root / "home")}
+
+
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    args = ["--model", str(tiny_llama), "--served-model-name", "tiny", "--dtype", "float32",
-            "--max-model-len", "128", "--kv-cache-gb", "0.25", "--feedback-db", str(root / "ab.sqlite3")]
+    (root / "config.yaml").write_text(CONFIG)
     log = root / "server.log"
-    with running_server_proc(args, log, env={"STEERSERVE_API_KEY": API_KEY,
-                                             "STEERSERVE_HOME": str(root / "home")}) as (base, proc):
+    with running_server_proc(server_args(tiny_llama, root), log, env=server_env(root)) as (base, proc):
         yield base, proc, log, root
+
+
+@pytest.fixture(scope="module")
+def experiment_record():
+    """What the experiment test recorded (arm -> (responses, feedback)), for the restart test."""
+    return {}
 
 
 def post(base, path, body=None, headers=None, **kw):
@@ -156,6 +180,18 @@ def test_64_streaming_clients_a_quarter_hanging_up(server):
     assert report["rss_growth_mb"] < 0.05 * report["rss_baseline_mb"], report
 
 
+def test_experiment_feedback_recorded(server, experiment_record):
+    base, *_ = server
+    for unit in ["u1", "u2", "u3", "u4", "u5", "u6"]:
+        r = post(base, "/v1/chat/completions", chat_body(user=unit, steer={"experiment": "tone"}))
+        assert r.status_code == 200, r.text
+        fb = post(base, "/v1/ab/feedback", {"response_id": r.json()["id"], "thumbs": "up"})
+        assert fb.status_code == 200, fb.text
+    arms = httpx.get(f"{base}/v1/ab/experiments/tone", headers=AUTH).json()["arms"]
+    experiment_record.update({a["arm"]: (a["responses"], a["feedback"]) for a in arms})
+    assert sum(feedback for _, feedback in experiment_record.values()) == 6
+
+
 def test_api_key_never_logged(server):
     _, _, log, _ = server
     assert API_KEY not in log.read_text()
@@ -214,3 +250,16 @@ def test_engine_death_fails_requests_and_health_then_exits(server):
     assert proc.returncode != 0
     print(f"engine killed: /health failed after {health_failed_after:.2f} s ({health}); server exited with "
           f"{proc.returncode}; in-flight requests: {[(s, t[-120:]) for s, _, t in results]}")
+
+
+def test_restarted_server_keeps_the_feedback(server, experiment_record, tiny_llama):
+    """What an orchestrator does after the exit above: start the server again on the same state.
+    The A/B responses and feedback are all there."""
+    _, proc, _, root = server
+    assert proc.returncode is not None and experiment_record  # after the engine-death test
+    with running_server_proc(server_args(tiny_llama, root), root / "server-restarted.log",
+                             env=server_env(root)) as (base, _):
+        arms = httpx.get(f"{base}/v1/ab/experiments/tone", headers=AUTH).json()["arms"]
+        assert {a["arm"]: (a["responses"], a["feedback"]) for a in arms} == experiment_record
+        r = post(base, "/v1/chat/completions", chat_body())
+        assert r.status_code == 200
