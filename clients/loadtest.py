@@ -8,8 +8,9 @@ long answer (`--abort-max-tokens`), so a server that did not abort them would ke
 
 Checks, printed as figures (and returned by `run_load` for the tests):
 - every completed stream is whole (finish_reason "length", `max_tokens` tokens, one response id,
-  no error event) and belongs to its request: its tokens equal the same request sent again alone
-  and not streamed (crossed streams would carry another prompt's tokens);
+  no error event), and every stream belongs to its request: the prompt tokens it carries equal
+  those of the same request sent again alone (prompts are numbered, so no two are equal); with
+  `--exact` (a float32 server) its tokens must equal that request's too;
 - the server aborted the dropped requests: after the run nothing is running or waiting, the KV
   cache usage is back to its level before the run, and the generated-token counter grew by less
   than the dropped requests would have produced had they run on;
@@ -62,7 +63,8 @@ def request_body(i: int, model: str, max_tokens: int, stream: bool) -> dict:
 
 async def _stream(client: httpx.AsyncClient, body: dict, hang_up_after: int | None) -> dict:
     """Stream one completion; with `hang_up_after`, close after that many content chunks."""
-    out = {"ids": set(), "tokens": [], "finish": None, "error": None, "chunks": 0, "closed_early": False}
+    out = {"ids": set(), "tokens": [], "prompt_ids": None, "finish": None, "error": None, "chunks": 0,
+           "closed_early": False}
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             out["error"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
@@ -79,6 +81,10 @@ async def _stream(client: httpx.AsyncClient, body: dict, hang_up_after: int | No
                 break
             out["ids"].add(payload.get("id"))
             for choice in payload.get("choices", []):
+                if choice.get("prompt_token_ids") is not None:
+                    if out["prompt_ids"] is not None:
+                        out["error"] = "a second prompt in one stream"
+                    out["prompt_ids"] = list(choice["prompt_token_ids"])
                 out["tokens"] += list(choice.get("token_ids") or [])
                 out["finish"] = choice.get("finish_reason") or out["finish"]
             out["chunks"] += 1
@@ -141,9 +147,12 @@ async def _settle(client, timeout: float = 60.0) -> dict[str, float]:
 
 async def run_load(base_url: str, model: str, clients: int = 64, disconnect_fraction: float = 0.25,
                    max_tokens: int = 24, abort_max_tokens: int = 200, hang_up_after: int = 3,
-                   api_key: str | None = None, pid: int | None = None, timeout: float = 600.0) -> dict:
+                   api_key: str | None = None, pid: int | None = None, timeout: float = 600.0,
+                   exact: bool = False) -> dict:
     """Run the load (a warm-up round first when `pid` is given) and check it; returns the figures
-    and a list of `problems` (empty when every check held)."""
+    and a list of `problems` (empty when every check held). `exact`: also require each completed
+    stream's tokens to equal the request sent alone (true on a float32 server, whose greedy tokens do
+    not move with batch composition; bfloat16 batches are not batch-invariant)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     disconnect_every = round(1 / disconnect_fraction) if disconnect_fraction > 0 else 0
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
@@ -167,15 +176,23 @@ async def run_load(base_url: str, model: str, clients: int = 64, disconnect_frac
             elif r["finish"] != "length" or len(r["tokens"]) != max_tokens or len(r["ids"]) != 1:
                 problems.append(f"client {i}: not whole (finish {r['finish']}, {len(r['tokens'])} tokens, "
                                 f"{len(r['ids'])} ids)")
-        # each completed stream against the same request sent alone, not streamed
-        crossed = 0
-        for i, r in completed:
+        # each stream against the same request sent alone, not streamed: the same prompt (tokens), so
+        # the stream is its own; with `exact` (a float32 server, batch-invariant) also the same tokens
+        crossed = same_tokens = 0
+        for i, r in enumerate(results):
             if r["error"] is not None:
                 continue
-            body = request_body(i, model, max_tokens, stream=False)
-            alone = (await client.post("/v1/completions", json=body)).json()
-            if list(alone["choices"][0].get("token_ids") or []) != r["tokens"]:
+            drops = r["closed_early"]
+            body = request_body(i, model, 1 if drops else max_tokens, stream=False)  # dropped: the prompt only
+            alone = (await client.post("/v1/completions", json=body)).json()["choices"][0]
+            if list(alone.get("prompt_token_ids") or []) != r["prompt_ids"]:
                 crossed += 1
+                problems.append(f"client {i}: the stream carries another prompt")
+            if drops:
+                continue
+            if list(alone.get("token_ids") or []) == r["tokens"]:
+                same_tokens += 1
+            elif exact:
                 problems.append(f"client {i}: streamed tokens differ from the same request alone")
         generated = after.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0)
         budget_if_not_aborted = len(completed) * max_tokens + len(dropped) * abort_max_tokens
@@ -190,6 +207,7 @@ async def run_load(base_url: str, model: str, clients: int = 64, disconnect_frac
             problems.append(f"generated {generated:.0f} tokens: the dropped requests were not aborted")
         report.update({
             "completed": len(completed), "dropped": len(dropped), "crossed_streams": crossed,
+            "same_tokens_as_alone": same_tokens, "exact": exact,
             "tokens_per_s": round(sum(len(r["tokens"]) for _, r in completed) / report["seconds"], 1),
             "generated_tokens": int(generated), "tokens_if_not_aborted": budget_if_not_aborted,
             "kv_usage_before": kv_before, "kv_usage_after": kv_after, "running_after": int(running),
@@ -204,9 +222,9 @@ async def run_load(base_url: str, model: str, clients: int = 64, disconnect_frac
 def print_report(report: dict) -> None:
     print(f"[loadtest] {report['clients']} streaming clients, {report['dropped']} hung up mid-stream, "
           f"{report['completed']} completed in {report['seconds']} s ({report['tokens_per_s']} tokens/s)")
-    print(f"[loadtest] completed streams whole and their own: "
-          f"{report['completed'] - len(report['problems']) if not report['problems'] else 'NO'}; "
-          f"crossed streams: {report['crossed_streams']}")
+    print(f"[loadtest] streams carrying another request's prompt: {report['crossed_streams']}; completed "
+          f"streams with the tokens of the same request sent alone: {report['same_tokens_as_alone']} of "
+          f"{report['completed']}{' (required: float32)' if report['exact'] else ' (bfloat16 is not batch-invariant)'}")
     print(f"[loadtest] aborts: generated {report['generated_tokens']} tokens (would be "
           f"{report['tokens_if_not_aborted']} had the dropped requests run on); after the run "
           f"{report['running_after']} running, KV cache usage {report['kv_usage_before']:.4f} -> "
@@ -231,6 +249,9 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pid", type=int, default=None,
                    help="the server's process id: measure its memory (a warm-up round first)")
     p.add_argument("--api-key", default=None, help="Bearer key (default $STEERSERVE_API_KEY)")
+    p.add_argument("--exact", action="store_true",
+                   help="also require every completed stream's tokens to equal the same request sent alone "
+                        "(for a float32 server: bfloat16 batches are not batch-invariant)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=_main)
 
@@ -244,7 +265,7 @@ def _main(args: argparse.Namespace) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         model = httpx.get(f"{args.url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     report = asyncio.run(run_load(args.url, model, args.clients, args.disconnect, args.max_tokens,
-                                  args.abort_max_tokens, api_key=key, pid=args.pid))
+                                  args.abort_max_tokens, api_key=key, pid=args.pid, exact=args.exact))
     print_report(report)
     if args.json:
         with open(args.json, "w") as fh:

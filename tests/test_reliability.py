@@ -171,10 +171,11 @@ def test_64_streaming_clients_a_quarter_hanging_up(server):
 
     base, proc, _, _ = server
     report = asyncio.run(run_load(base, "tiny", clients=64, disconnect_fraction=0.25, max_tokens=24,
-                                  abort_max_tokens=100, api_key=API_KEY, pid=proc.pid))
+                                  abort_max_tokens=100, api_key=API_KEY, pid=proc.pid, exact=True))
     print_report(report)
     assert report["problems"] == []
     assert report["completed"] == 48 and report["dropped"] == 16 and report["crossed_streams"] == 0
+    assert report["same_tokens_as_alone"] == 48
     assert report["kv_usage_after"] == 0.0 and report["running_after"] == 0
     # memory back to its warm baseline (allocator noise allowed)
     assert report["rss_growth_mb"] < 0.05 * report["rss_baseline_mb"], report
