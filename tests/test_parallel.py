@@ -1,5 +1,5 @@
 """Every steer on vLLM's own parallelism: tensor parallelism (TP=2) and pipeline parallelism (PP=2)
-on the CPU build, two ranks pinned one per core (`VLLM_CPU_OMP_THREADS_BIND="0|1"`), tiny random
+on the CPU build, two ranks pinned to halves of the cores (`VLLM_CPU_OMP_THREADS_BIND="0|1"` here), tiny random
 Llama models (4 heads, 2 KV heads, FFN width 256: all divide by 2), float32, eager, chunked prefill
 with a 64-token budget.
 
@@ -34,10 +34,15 @@ from tiny_models import build_tiny
 
 from steerserve.patches.plan import ProxyPlan, SteerPlan
 from steerserve.patches.reference import proxy_token_logprobs, token_logprobs
+from steerserve.server.cli import cpu_thread_binding
 
 pytestmark = pytest.mark.engine
 
 ENGINE = dict(max_num_batched_tokens=64, max_model_len=256)
+# one rank per allowed core (e.g. "0|1"), as `steerserve serve` splits them
+TWO_RANKS = cpu_thread_binding(2, sorted(os.sched_getaffinity(0)))
+if TWO_RANKS is None:
+    pytest.skip("two ranks need at least two CPU cores", allow_module_level=True)
 MIX_NAMES = {("tuned", "base"): "taia", ("tuned", "tuned"): "tuned", ("base", "tuned"): "ffn-only"}
 
 
@@ -66,7 +71,7 @@ def engine(model, family=None, **kw):
     """An engine; with several ranks, rank r's threads pinned to core r (what `steerserve serve`
     sets on the CPU build), in the environment its workers inherit at start."""
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = TWO_RANKS
     try:
         with variants_env(family) if family is not None else contextlib.nullcontext():
             llm = make_engine(model, **ENGINE, **kw)
@@ -300,5 +305,5 @@ class TestServeTensorParallel:
         assert list(r_taia.choices[0].token_ids) == greedy_hf(tiny_llama, prompt_ids, adapter=root / "adapter-taia")
         assert list(r_tuned.choices[0].token_ids) == greedy_hf(tiny_llama, prompt_ids, adapter=root / "adapter")
         text = log.read_text()
-        assert "VLLM_CPU_OMP_THREADS_BIND=0|1" in text and "tensor_parallel_size=2" in text
+        assert f"VLLM_CPU_OMP_THREADS_BIND={TWO_RANKS}" in text and "tensor_parallel_size=2" in text
         assert API_KEY not in text, "the API key was written to the server log"
