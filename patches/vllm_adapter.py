@@ -21,6 +21,12 @@ upgrade moves or renames it. Surfaces:
 6. Prompt rendering (span resolution): the serving objects' `render_chat_request` /
    `render_completion_request` (wrapped per instance, `intercept_renders`), the online renderer's
    `render_chat`, and the engine input's `prompt` / `prompt_token_ids`.
+7-8. TAIA mixing and proxy tuning: see their sections below.
+9. Parallelism and faults: the tensor-parallel group (`get_tensor_model_parallel_rank` /
+   `_world_size`, `tensor_model_parallel_all_gather` for InfoSteer's whole-row statistics),
+   `get_pp_group`, `CPUModelRunner.initialize_kv_cache` and the runner's `intermediate_tensors` /
+   the model's `make_empty_intermediate_tensors` (`install_cpu_pipeline_fix`), and the engine
+   client's `engine_core.resources.engine_dead` (`engine_dead`, read after the server stopped).
 
 Runs in every process that loads the plugin; the wrapper only does work in the worker.
 """

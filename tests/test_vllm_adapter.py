@@ -242,3 +242,61 @@ def test_proxy_surfaces_and_metadata_subset():
     assert sub.block_table_tensor.tolist() == [[2, 3], [4, 5]]
     assert sub.slot_mapping.tolist() == [104, 105, 106, 107, 108]
     assert sub.positions.tolist() == [6, 0, 1, 2, 3] and sub.is_prefilling.tolist() == [False, True]
+
+
+def test_parallel_and_fault_surfaces():
+    import dataclasses
+    import inspect
+
+    from vllm.distributed import (  # noqa: F401 - the names the adapter imports
+        get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_gather,
+    )
+    from vllm.v1.engine.core_client import BackgroundResources
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from steerserve.patches import vllm_adapter as ad
+
+    # no parallel state in this process: one rank
+    assert ad.tensor_parallel() == (0, 1)
+    # the later pipeline stage's buffer, its assertion and who creates it
+    assert "self.intermediate_tensors is not None" in inspect.getsource(GPUModelRunner.sync_and_gather_intermediate_tensors)
+    assert "make_empty_intermediate_tensors" in inspect.getsource(GPUModelRunner._dummy_run)
+    ad.install_cpu_pipeline_fix()
+    ad.install_cpu_pipeline_fix()  # idempotent
+    wrapped = CPUModelRunner.initialize_kv_cache
+    assert getattr(wrapped, ad._WRAPPED_MARK) and not getattr(wrapped.__wrapped__, ad._WRAPPED_MARK, False)
+    # the engine-death flag read by `serve` after vLLM's server stopped
+    assert "engine_dead" in {f.name for f in dataclasses.fields(BackgroundResources)}
+
+    class Client:
+        class engine_core:
+            resources = BackgroundResources(ctx=None)
+
+    assert not ad.engine_dead(Client())
+    Client.engine_core.resources.engine_dead = True
+    assert ad.engine_dead(Client()) and not ad.engine_dead(object())
+
+
+def test_engine_refuses_unsigned_plans_on_a_fake_runner(monkeypatch, caplog):
+    """A plan without this server's signature (vllm_xargs through vLLM's other routes) runs
+    unsteered and is logged once; it never reaches a forward pass."""
+    from steerserve.patches import plan as plan_mod
+    from steerserve.patches import vllm_adapter as ad
+
+    monkeypatch.setenv(plan_mod.PLAN_KEY_ENV, "secret")
+    plan = SteerPlan(infosteer=InfoSteerPlan(layers=(0,), mode="scale", alpha=2.0))
+    extras = [plan_mod.engine_args(plan), {"steer": plan.to_json()}, {"steer": "garbage"}]
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(num_reqs=3, req_ids=["signed", "unsigned", "garbage"]),
+        query_start_loc=SimpleNamespace(np=np.array([0, 2, 4, 6])),
+        requests={rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
+                  for rid, extra in zip(["signed", "unsigned", "garbage"], extras)},
+    )
+    with caplog.at_level("ERROR", logger="steerserve"):
+        ffn, *_ = ad.steered_row_entries(runner)
+        ad.steered_row_entries(runner)
+    assert [entry[0] for entry in ffn] == [plan.infosteer]
+    refusals = [r for r in caplog.records if "running it unsteered" in r.getMessage()]
+    assert len(refusals) == 2
