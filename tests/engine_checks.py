@@ -18,14 +18,9 @@ from steerserve.patches.plan import SteerPlan
 from steerserve.patches.reference import token_logprobs
 from steerserve.server.schema import normalise
 
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog because",
-    "Once upon a time in a land far away, there lived",
-    "In 1492, Columbus sailed the ocean blue and then",
-    "The recipe calls for two cups of flour, one egg and",
-    "Machine learning models are trained on data that",
-    "The capital of France is a city known for",
-]
+from steerserve.clients.loadtest import PROMPTS as _LOAD_PROMPTS
+
+PROMPTS = _LOAD_PROMPTS[:6]  # six raw-text prompts (the load test numbers and adds two)
 # reference vs engine, float32 on CPU: max |logprob difference| allowed per token
 LOGPROB_TOL = 2e-3
 
@@ -185,6 +180,25 @@ def build_family(base, root):
     taia = merge_full(tuned, base, root / "taia", attention="tuned", ffn="base")
     ffn_only = merge_full(tuned, base, root / "ffn-only", attention="base", ffn="tuned")
     return {"base": base, "tuned": tuned, "taia": taia, "ffn-only": ffn_only}
+
+
+def build_lora_family(base, root):
+    """A random LoRA adapter of `base` on every projection (with steerserve's metadata) and its
+    TAIA export, under `root`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from steerserve.training import checkpoints as ck
+    from steerserve.training.export import export_taia
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    get_peft_model(model, cfg).save_pretrained(root / "adapter")
+    ck.write_metadata(root / "adapter", "lora", base, ck.base_digest(base))
+    export_taia(root / "adapter", root / "adapter-taia")
+    return {"base": base, "adapter": root / "adapter", "taia": root / "adapter-taia", "root": root}
 
 
 @contextlib.contextmanager

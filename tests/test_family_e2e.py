@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 from server_proc import running_server
-from engine_checks import perturbed_copy
+from engine_checks import build_lora_family, perturbed_copy
 
 from steerserve.training import checkpoints as ck
 from steerserve.training.export import export_taia
@@ -139,18 +139,7 @@ def test_indicator_on_completions_is_400(full_client):
 
 @pytest.fixture(scope="module")
 def lora_family(tiny_llama, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("lora-family")
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    get_peft_model(model, cfg).save_pretrained(root / "adapter")
-    ck.write_metadata(root / "adapter", "lora", tiny_llama, ck.base_digest(tiny_llama))
-    export_taia(root / "adapter", root / "adapter-taia")
-    return {"base": tiny_llama, "adapter": root / "adapter", "taia": root / "adapter-taia", "root": root}
+    return build_lora_family(tiny_llama, tmp_path_factory.mktemp("lora-family"))
 
 
 @pytest.fixture(scope="module")

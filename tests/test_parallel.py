@@ -24,7 +24,6 @@ import json
 import os
 
 import pytest
-import torch
 from conftest import close_engine, make_engine, model_info
 from engine_checks import (
     LOGPROB_TOL, PROMPTS, build_family, check_mixed_batch_bit_identical, check_mixing_parity,
@@ -238,21 +237,11 @@ API_KEY = "tp-secret-4f1b9c"
 def tp2_server(tiny_llama, tmp_path_factory):
     """`steerserve serve -tp 2` with a LoRA variant (vLLM multi-LoRA, sharded) and an API key in
     the environment; the server pins the ranks to the cores itself."""
-    from peft import LoraConfig, get_peft_model
+    from engine_checks import build_lora_family
     from server_proc import running_server
-    from transformers import AutoModelForCausalLM
-
-    from steerserve.training import checkpoints as ck
-    from steerserve.training.export import export_taia
 
     root = tmp_path_factory.mktemp("tp-server")
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    get_peft_model(model, cfg).save_pretrained(root / "adapter")
-    ck.write_metadata(root / "adapter", "lora", tiny_llama, ck.base_digest(tiny_llama))
-    export_taia(root / "adapter", root / "adapter-taia")
+    build_lora_family(tiny_llama, root)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
     args = ["--model", str(tiny_llama), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len",
             "256", "--kv-cache-gb", "0.25", "--tensor-parallel-size", "2", "--variant", f"sft={root / 'adapter'}"]
