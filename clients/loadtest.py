@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import time
 
 import httpx
@@ -94,17 +93,16 @@ async def _stream(client: httpx.AsyncClient, body: dict, hang_up_after: int | No
     return out
 
 
-_METRIC = re.compile(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$")
-
-
 async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
-    """vLLM's gauges and counters summed over label sets (name -> value)."""
-    text = (await client.get("/metrics")).text
+    """vLLM's gauges and counters summed over label sets (name -> value), parsed with
+    prometheus-client's own text parser (counters by their `_total` sample names)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC.match(line)
-        if m:
-            values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:"):
+                values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
     return values
 
 

@@ -6,7 +6,7 @@ Enforced where they are cheapest, each refused with a 4xx naming what was too la
 - `n` and the number of prompts of one /v1/completions request: vLLM's own checks, with the caps
   lowered by `steerserve serve` (`VLLM_MAX_N_SEQUENCES`, `VLLM_MAX_COMPLETION_PROMPTS`);
 - `max_tokens` (<= the context length), `top_logprobs`/`logprobs` (<= 20): vLLM's own checks;
-- the `steer` object: nesting depth (`check_depth`), list lengths (schema `MAX_LAYER_LIST`,
+- the `steer` object: nesting depth (`depth_exceeds`), list lengths (schema `MAX_LAYER_LIST`,
   `MAX_HEAD_LIST`), comparison arms (`compare.MAX_ARMS`), feedback comments (`feedback.MAX_COMMENT`).
 """
 

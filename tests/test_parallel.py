@@ -242,13 +242,13 @@ def tp2_server(tiny_llama, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tp-server")
     build_lora_family(tiny_llama, root)
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
     args = ["--model", str(tiny_llama), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len",
             "256", "--kv-cache-gb", "0.25", "--tensor-parallel-size", "2", "--variant", f"sft={root / 'adapter'}"]
     log = root / "server.log"
     saved = os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     try:
-        with running_server(args, log, env={**env, "STEERSERVE_API_KEY": API_KEY,
+        # the server inherits this environment without a binding: it sets its own
+        with running_server(args, log, env={"STEERSERVE_API_KEY": API_KEY,
                                             "STEERSERVE_HOME": str(root / "home")}) as base:
             yield base, log, root
     finally:
