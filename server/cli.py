@@ -30,9 +30,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("STEERSERVE_API_KEY"),
-                   help="require `Authorization: Bearer <key>` on /v1 routes (default: $STEERSERVE_API_KEY; "
-                        "off when unset). Prefer the variable: a command line is visible to every user of "
-                        "the machine. Keys are compared in constant time and never logged")
+                   help="require `Authorization: Bearer <key>` on every route but /health, /ping and the "
+                        "--public-routes (default: $STEERSERVE_API_KEY; off when unset). Prefer the variable: a "
+                        "command line is visible to every user of the machine. Keys are compared in constant time "
+                        "and never logged; a key in the query string is refused and redacted from the access log")
+    p.add_argument("--public-routes", default=None, metavar="LIST",
+                   help="with an API key, the routes that stay open besides /health and /ping: a comma-separated "
+                        "subset of metrics,playground, or none (default: metrics,playground; see README, Security)")
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
                    help="KV cache size in GiB (default 2); 0 leaves it to vLLM's memory fraction, e.g. on a GPU "
                         "--kv-cache-gb 0 --vllm-arg=--gpu-memory-utilization=0.9")
@@ -88,6 +92,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
                      help="largest request body accepted; larger ones get HTTP 413 before they are read "
                           "(default 4194304, 4 MiB)")
+    lim.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
+                     help="close a connection whose request headers are not complete this long after it opened "
+                          "or after its previous response (default 10; 0 turns it off)")
+    lim.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
+                     help="answer 408 and close the connection when a request body is not received whole this long "
+                          "after its headers (default 30)")
     lim.add_argument("--max-n", type=int, default=None, metavar="N",
                      help="most completions one request may ask for with `n` (default 16; vLLM's own cap, "
                           "VLLM_MAX_N_SEQUENCES, when set)")
@@ -243,12 +253,22 @@ def set_request_limits(args: argparse.Namespace) -> None:
     defaults (a flag wins over a variable the user set; the variable over the default)."""
     from steerserve.server import limits
 
+    from steerserve.patches.vllm_adapter import HEADER_TIMEOUT_ENV
+
     for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-n", args.max_n),
                         ("--max-prompts", args.max_prompts)):
         if value is not None and value < 1:
             raise SystemExit(f"steerserve serve: {flag} must be >= 1")
     if args.max_request_bytes is not None:
         os.environ[limits.MAX_REQUEST_BYTES_ENV] = str(args.max_request_bytes)
+    if args.header_timeout is not None:
+        if not 0 <= args.header_timeout <= 3600:
+            raise SystemExit("steerserve serve: --header-timeout must be in [0, 3600] seconds (0: off)")
+        os.environ[HEADER_TIMEOUT_ENV] = str(args.header_timeout)
+    if args.body_timeout is not None:
+        if not 0 < args.body_timeout <= 3600:
+            raise SystemExit("steerserve serve: --body-timeout must be in (0, 3600] seconds")
+        os.environ[limits.BODY_TIMEOUT_ENV] = str(args.body_timeout)
     for env, value, default in (("VLLM_MAX_N_SEQUENCES", args.max_n, limits.DEFAULT_MAX_N),
                                 ("VLLM_MAX_COMPLETION_PROMPTS", args.max_prompts, limits.DEFAULT_MAX_PROMPTS)):
         if value is not None:
@@ -360,10 +380,21 @@ def serve(args: argparse.Namespace) -> None:
         # steerserve's settings (variants, proxy pairs, head sets, plan key) to them
         prefixes = [p for p in os.environ.get("VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY", "").split(",") if p]
         os.environ["VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"] = ",".join(dict.fromkeys([*prefixes, "STEERSERVE_"]))
+    from steerserve.server import auth
+
+    if args.public_routes is not None:
+        try:
+            auth.parse_public_routes(args.public_routes)
+        except ValueError as err:
+            raise SystemExit(f"steerserve serve: --public-routes: {err}") from None
+        os.environ[auth.PUBLIC_ROUTES_ENV] = args.public_routes
     if args.api_key:
         # handed over in the environment, never on a command line (which `ps` shows every user)
-        # nor in the argument list printed below; vLLM's middleware compares keys in constant time
-        os.environ["VLLM_API_KEY"] = args.api_key
+        # nor in the argument list printed below; steerserve's own middleware (server/auth.py)
+        # guards every route (vLLM's guards only /v1 and a few other prefixes)
+        os.environ[auth.API_KEY_ENV] = args.api_key
+    else:
+        os.environ.pop(auth.API_KEY_ENV, None)
     enable_plugins()
     argv = vllm_argv(args, model) + variant_argv
     print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",

@@ -17,6 +17,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from .limits import shown
 from .schema import SteerError
 
 UNIT_HEADER = "x-steerserve-unit"
@@ -88,12 +89,12 @@ def resolve_experiment(raw: object, experiments: dict[str, Experiment], unit: st
                        ) -> tuple[object, tuple[str, str] | None]:
     """Replace `{"experiment": name}` by the assigned arm's steer (`{"profile": p}` or `{}`).
     Returns (steer object, (experiment, arm) or None)."""
-    if not isinstance(raw, dict) or "experiment" not in raw:
-        return raw, None
+    if not isinstance(raw, dict) or raw.get("experiment") is None:  # null: no experiment
+        return ({k: v for k, v in raw.items() if k != "experiment"} if isinstance(raw, dict) else raw), None
     name = raw["experiment"]
     if not isinstance(name, str) or name not in experiments:
         known = ", ".join(sorted(experiments)) or "none (start the server with --config)"
-        raise SteerError("steer.experiment", f"unknown experiment {name!r}; known experiments: {known}")
+        raise SteerError("steer.experiment", f"unknown experiment {shown(name)}; known experiments: {known}")
     if len(raw) > 1:
         raise SteerError("steer.experiment", "cannot be combined with other steer fields: the arm decides the steering")
     if not unit:

@@ -36,6 +36,8 @@ from steerserve.patches.mixing import VARIANTS_ENV
 from steerserve.patches.plan import MixingPlan, ProxyPlan
 from steerserve.patches.proxy import ALPHA_MAX, ALPHA_MIN, PAIRS_ENV
 
+from .limits import ECHO_CAP, shown
+
 FAMILY_ENV = "STEERSERVE_FAMILY"
 LABELS = {"taia": ("tuned", "base"), "tuned": ("tuned", "tuned"), "base": ("base", "base"),
           "ffn-only": ("base", "tuned")}
@@ -146,20 +148,20 @@ class Family:
                                      f"{named.name!r}; name the variant itself ({named.name!r}) to mix")
         if isinstance(raw, str):
             if raw not in LABELS:
-                raise MixingError(FIELD, f"unknown shorthand {raw!r}; allowed: {', '.join(LABELS)} or an object "
+                raise MixingError(FIELD, f"unknown shorthand {shown(raw)}; allowed: {', '.join(LABELS)} or an object "
                                          '{"variant", "attention": "tuned"|"base", "ffn": "tuned"|"base"}')
             name, attention, ffn = None, *LABELS[raw]
         elif isinstance(raw, dict):
             unknown = sorted(set(raw) - {"variant", "attention", "ffn"})
             if unknown:
-                raise MixingError(f"{FIELD}.{unknown[0]}", "unknown field; allowed: variant, attention, ffn")
+                raise MixingError(f"{FIELD}.{unknown[0][:ECHO_CAP]}", "unknown field; allowed: variant, attention, ffn")
             name = raw.get("variant")
             if name is not None and not isinstance(name, str):
                 raise MixingError(f"{FIELD}.variant", "must be a string naming a tuned variant")
             attention, ffn = raw.get("attention", "tuned"), raw.get("ffn", "tuned")
             for key, value in (("attention", attention), ("ffn", ffn)):
                 if value not in ("tuned", "base"):
-                    raise MixingError(f"{FIELD}.{key}", f'must be "tuned" or "base", got {value!r}')
+                    raise MixingError(f"{FIELD}.{key}", f'must be "tuned" or "base", got {shown(value)}')
         else:
             raise MixingError(FIELD, f"must be a string or an object, got {type(raw).__name__}")
         label = next(k for k, v in LABELS.items() if v == (attention, ffn))
@@ -168,11 +170,11 @@ class Family:
             raise MixingError(FIELD, f"{who} has no tuned variant loaded (start the server with --variant NAME=PATH)")
         if name is not None:
             if name not in self.variants:
-                raise MixingError(f"{FIELD}.variant", f"unknown variant {name!r}; loaded: "
+                raise MixingError(f"{FIELD}.variant", f"unknown variant {shown(name)}; loaded: "
                                                       f"{', '.join(sorted(self.variants))}")
             if named is not None and named.name != name:
                 raise MixingError(f"{FIELD}.variant", f"the request's model is variant {named.name!r}, "
-                                                      f"not {name!r}")
+                                                      f"not {shown(name)}")
             return self.variants[name], label
         if named is not None:
             return named, label
@@ -191,7 +193,7 @@ class Family:
                                            f"{type(raw).__name__}")
         unknown = sorted(set(raw) - {"pair", "alpha"})
         if unknown:
-            raise MixingError(f"{PROXY_FIELD}.{unknown[0]}", "unknown field; allowed: pair, alpha")
+            raise MixingError(f"{PROXY_FIELD}.{unknown[0][:ECHO_CAP]}", "unknown field; allowed: pair, alpha")
         if not self.proxies:
             who = f"model {self.base_name!r}" if self.base_name else "the served model"
             raise MixingError(PROXY_FIELD, f"{who} has no proxy pairs loaded (start the server with "
@@ -205,13 +207,13 @@ class Family:
         if not isinstance(name, str):
             raise MixingError(f"{PROXY_FIELD}.pair", f"must be a string naming a proxy pair, got {type(name).__name__}")
         if name not in self.proxies:
-            raise MixingError(f"{PROXY_FIELD}.pair", f"unknown proxy pair {name!r}; loaded: "
+            raise MixingError(f"{PROXY_FIELD}.pair", f"unknown proxy pair {shown(name)}; loaded: "
                                                      f"{', '.join(sorted(self.proxies))}")
         alpha = raw.get("alpha", 1.0)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
                 or not ALPHA_MIN <= alpha <= ALPHA_MAX:
             raise MixingError(f"{PROXY_FIELD}.alpha", f"must be a number in [{ALPHA_MIN:g}, {ALPHA_MAX:g}] "
-                                                      f"(0 = the base alone, 1 = the paper's default), got {alpha!r}")
+                                                      f"(0 = the base alone, 1 = the paper's default), got {shown(alpha)}")
         return ProxyPlan(name, float(alpha))
 
     # --- serialisation ----------------------------------------------------------------------

@@ -5,7 +5,9 @@ so nothing is lost across restarts:
 - every response served under an experiment is recorded (response id, experiment, arm, unit key);
 - `POST /v1/ab/feedback` {"response_id": "...", "score": 0.8} or {"response_id": "...", "thumbs": "up"}
   (optional "comment", at most 2000 characters) stores feedback for a recorded response; a second
-  feedback on the same response replaces the first;
+  feedback on the same response replaces the first. Only the unit the response was served to may
+  give it: the body's `user` (or the X-Steerserve-Unit header) must be the unit key the request
+  carried (403 otherwise), so one key holder cannot overwrite another user's feedback;
 - `GET /v1/ab/experiments/{name}` summarises per arm: responses served, feedback count, mean score
   with a 95% t confidence interval, and for thumbs the share of "up" with a 95% Wilson interval.
 Runs in the API server process; SQLite calls are short and made from the event loop.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import sqlite3
 import statistics
 import threading
@@ -23,6 +26,9 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .experiments import UNIT_HEADER
+from .limits import shown
 
 FEEDBACK_DB_ENV = "STEERSERVE_FEEDBACK_DB"
 MAX_COMMENT = 2000
@@ -86,9 +92,11 @@ class FeedbackStore:
             self._db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?)",
                              (response_id, experiment, arm, unit, time.time()))
 
-    def response(self, response_id: str) -> tuple[str, str] | None:
-        row = self._db.execute("SELECT experiment, arm FROM responses WHERE response_id = ?", (response_id,)).fetchone()
-        return (row[0], row[1]) if row else None
+    def response(self, response_id: str) -> tuple[str, str, str | None] | None:
+        """(experiment, arm, unit key) of a recorded response."""
+        row = self._db.execute("SELECT experiment, arm, unit FROM responses WHERE response_id = ?",
+                               (response_id,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
 
     def add_feedback(self, response_id: str, kind: str, score: float, comment: str | None) -> None:
         with self._lock:
@@ -169,6 +177,8 @@ class FeedbackBody(BaseModel):
     score: float | None = Field(None, ge=SCORE_MIN, le=SCORE_MAX, allow_inf_nan=False)
     thumbs: str | None = Field(None, pattern="^(up|down)$")
     comment: str | None = Field(None, max_length=MAX_COMMENT)
+    user: str | None = Field(None, max_length=256, description="the unit key the response was served to "
+                             "(the request's `user`); or the X-Steerserve-Unit header")
 
 
 router = APIRouter()
@@ -177,7 +187,7 @@ router = APIRouter()
 def _error(status: int, field: str | None, message: str):
     from fastapi.responses import JSONResponse
 
-    kind = "NotFoundError" if status == 404 else "BadRequestError"
+    kind = {404: "NotFoundError", 403: "PermissionDeniedError"}.get(status, "BadRequestError")
     return JSONResponse({"error": {"message": message, "type": kind, "param": field, "code": status}},
                         status_code=status)
 
@@ -205,8 +215,12 @@ async def post_feedback(raw_request: Request):
         return _error(400, "score", 'give exactly one of "score" (a number) or "thumbs" ("up" or "down")')
     served = store.response(fb.response_id)
     if served is None:
-        return _error(404, "response_id", f"response_id {fb.response_id!r} was not served under an A/B experiment "
+        return _error(404, "response_id", f"response_id {shown(fb.response_id)} was not served under an A/B experiment "
                                           "by this server (only experiment responses take feedback)")
+    unit = fb.user or raw_request.headers.get(UNIT_HEADER)
+    if served[2] is not None and (unit is None or not secrets.compare_digest(unit.encode(), served[2].encode())):
+        return _error(403, "user", "feedback on this response is accepted only from the unit it was served to: "
+                                   "send the request's `user` value as `user` (or the X-Steerserve-Unit header)")
     kind, score = ("score", fb.score) if fb.score is not None else ("thumbs", 1.0 if fb.thumbs == "up" else 0.0)
     store.add_feedback(fb.response_id, kind, score, fb.comment)
     return {"object": "ab.feedback", "response_id": fb.response_id, "experiment": served[0], "arm": served[1],
@@ -221,7 +235,7 @@ async def get_experiment(name: str, raw_request: Request):
     experiment = config.experiments.get(name)
     if experiment is None:
         known = ", ".join(sorted(config.experiments)) or "none"
-        return _error(404, "name", f"unknown experiment {name!r}; known experiments: {known}")
+        return _error(404, "name", f"unknown experiment {shown(name)}; known experiments: {known}")
     summary = store.summary(name, [arm.name for arm in experiment.arms])
     for arm in summary["arms"]:
         match = next((a for a in experiment.arms if a.name == arm["arm"]), None)

@@ -4,6 +4,7 @@ multiprocess collector when PROMETHEUS_MULTIPROC_DIR is set). API server process
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from fastapi.responses import StreamingResponse
@@ -19,9 +20,57 @@ REQUESTS = Counter(
 )
 REJECTED = Counter(
     "steerserve_steer_rejected",
-    "Requests refused with HTTP 400 for a bad steer value, by field",
+    "Requests refused with HTTP 400 for a bad steer value, by field (a closed set: the steer "
+    "object's documented fields, index-free; anything else counts as `other`)",
     ["field"],
 )
+OTHER = "other"
+
+
+def _schema_fields() -> frozenset[str]:
+    """Every dotted field path of the `steer` object's schema, plus the request fields a steer
+    error can name (the unit key, the prompt or a message's content)."""
+    from .schema import SteerSpec
+
+    out = {"steer", "user", "prompt", "messages.content"}
+    stack = [("steer", SteerSpec)]
+    while stack:
+        prefix, model = stack.pop()
+        for name, field in model.model_fields.items():
+            path = f"{prefix}.{name}"
+            out.add(path)
+            for arg in getattr(field.annotation, "__args__", (field.annotation,)):
+                if isinstance(arg, type) and hasattr(arg, "model_fields"):
+                    stack.append((path, arg))
+    return frozenset(out)
+
+
+_KNOWN_FIELDS: frozenset[str] | None = None
+
+
+def field_label(field: str | None) -> str:
+    """The metrics label for a rejected field: its path without list indices when the schema has
+    it (a nested key of a field the schema types loosely, such as `steer.mixing.variant`, counts
+    under that field), else `other`. Client input never becomes a label."""
+    global _KNOWN_FIELDS
+    if _KNOWN_FIELDS is None:
+        _KNOWN_FIELDS = _schema_fields()
+    if not field or len(field) > 200:
+        return OTHER
+    path = re.sub(r"\[[^\]]*\]", "", field)
+    while path:
+        if path in _KNOWN_FIELDS:
+            return path
+        if "." not in path:
+            break
+        path = path.rsplit(".", 1)[0]
+        if path == "steer":  # an unknown key directly under `steer`
+            break
+    return OTHER
+
+
+def count_rejected(field: str | None) -> None:
+    REJECTED.labels(field=field_label(field)).inc()
 
 
 def count_request(endpoint: str, plan: SteerPlan | None) -> None:

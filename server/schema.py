@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from steerserve.patches.infosteer import lift_count
 from steerserve.patches.plan import ContextAttentionPlan, InfoSteerPlan, SteerPlan
 
+from .limits import ECHO_CAP, shown
+
 ALPHA_MIN, ALPHA_MAX = 0.0, 10.0
 MAX_LAYER_LIST = 1024  # cap on the length of a layer list, duplicates included
 
@@ -152,6 +154,8 @@ def _from_validation_error(err: ValidationError) -> SteerError:
     parts: list[str] = ["steer"]
     in_union = False
     for part in first["loc"]:
+        if isinstance(part, str) and len(part) > ECHO_CAP:  # an unknown key of any size: never echoed whole
+            part = f"{part[:ECHO_CAP]}..."
         if isinstance(part, int):
             parts[-1] += f"[{part}]"
         elif part.isidentifier():
@@ -179,14 +183,25 @@ def _from_validation_error(err: ValidationError) -> SteerError:
     return SteerError(loc, msg)
 
 
+def without_nulls(value: object) -> object:
+    """`value` with every null member of an object dropped, at any depth: in the `steer` object a
+    null means "the field's default" (the schema marks fields nullable)."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def parse_spec(raw: object) -> SteerSpec:
-    """Validate the raw JSON value of `steer` (None or {} means no steering)."""
+    """Validate the raw JSON value of `steer` (None or {} means no steering; a null field means
+    its default)."""
     if raw is None:
         return SteerSpec()
     if not isinstance(raw, dict):
         raise SteerError("steer", f"must be an object, got {type(raw).__name__}")
     try:
-        return SteerSpec.model_validate(raw)
+        return SteerSpec.model_validate(without_nulls(raw))
     except ValidationError as err:
         raise _from_validation_error(err) from None
 
@@ -241,14 +256,14 @@ def resolve_profile(raw: object, profiles: dict[str, dict]) -> tuple[object, str
     """Expand `steer.profile`: the profile's steer object, with the request's other fields on top
     (per steer key: fields merged, the request's winning; a steer key set to null removes the
     profile's steer). Returns (steer object without `profile`, profile name or None)."""
-    if not isinstance(raw, dict) or "profile" not in raw:
-        return raw, None
+    if not isinstance(raw, dict) or raw.get("profile") is None:
+        return ({k: v for k, v in raw.items() if k != "profile"} if isinstance(raw, dict) else raw), None
     name = raw["profile"]
     if not isinstance(name, str):
         raise SteerError("steer.profile", f"must be a string naming a profile, got {type(name).__name__}")
     if name not in profiles:
         known = ", ".join(sorted(profiles)) or "none (start the server with --config)"
-        raise SteerError("steer.profile", f"unknown profile {name!r}; known profiles: {known}")
+        raise SteerError("steer.profile", f"unknown profile {shown(name)}; known profiles: {known}")
     merged = dict(profiles[name])
     for key, value in raw.items():
         if key == "profile":
@@ -307,7 +322,7 @@ def _normalise_context(spec: ContextAttentionSpec, info: ModelInfo, head_sets: d
     elif isinstance(heads, str):
         if heads not in head_sets:
             known = ", ".join(sorted(head_sets)) or "none (start the server with --head-set)"
-            raise SteerError(f"{field}.heads", f"unknown head set {heads!r}; known head sets: {known}")
+            raise SteerError(f"{field}.heads", f"unknown head set {shown(heads)}; known head sets: {known}")
         head_set = heads
         pairs = tuple(sorted({tuple(p) for p in head_sets[heads] if p[0] in set(layers)}))
     else:
@@ -359,7 +374,7 @@ def normalise(raw: object, info: ModelInfo, head_sets: dict | None = None, endpo
         indicator = fam.indicator_for(model)
         if indicator is None:
             who = model or fam.base_name or "the served model"
-            raise SteerError(field, f"model {who!r} was not trained with a context-dependency indicator (its "
+            raise SteerError(field, f"model {shown(who)} was not trained with a context-dependency indicator (its "
                                     "steerserve.json has no context_indicator; train with `steerserve train sft "
                                     "--context-indicator`)")
     return SteerPlan(infosteer=infosteer, context_attention=context, mixing=mixing, context_indicator=indicator,

@@ -36,7 +36,7 @@ def test_flags_map_to_vllm(tmp_path):
                  "--served-model-name", "m", "--vllm-arg=--max-num-batched-tokens=512", "-tp", "2",
                  "--pipeline-parallel-size", "3", "--distributed-executor-backend", "ray")
     argv = cli.vllm_argv(args, _model(tmp_path, "Qwen2ForCausalLM"))
-    # the key travels in the environment (VLLM_API_KEY, set by `serve`), never in an argument list
+    # the key travels in the environment (STEERSERVE_API_KEY, read by server/auth.py), never in an argument list
     assert "--api-key" not in argv and "k" not in argv and "--enforce-eager" not in argv
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
     assert argv[argv.index("--pipeline-parallel-size") + 1] == "3"
