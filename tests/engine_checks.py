@@ -157,6 +157,41 @@ def _check_prefix_cache_salted(llm, info, p) -> None:
     assert differently[3] == 0, "request steered differently reused another plan's KV"
 
 
+def check_prefix_cache_isolates_spans(llm, info) -> None:
+    """Issue 14: two requests with the same prompt ids and plan but different emphasised spans
+    (what typed template tokens produce) share the plan's salt (the server salts before spans are
+    resolved); the engine's per-block keys let the second reuse only the blocks before the first
+    token whose emphasis differs, and its output equals its cold run."""
+    long_prompt = " ".join(PROMPTS * 6)
+    ids = llm.get_tokenizer().encode(long_prompt)[:200]  # 200 tokens: one full 128-token block
+    assert len(ids) == 200
+    base = normalise({"context_attention": {"alpha": 0.3}}, info)
+    salt = f"steer:{base.fingerprint()}"
+
+    def go(spans, reset=False):
+        if reset:
+            assert llm.reset_prefix_cache()
+        plan = with_spans(base, spans)
+        out = llm.generate([{"prompt_token_ids": ids, "cache_salt": salt}], [params(plan)], use_tqdm=False)[0]
+        c = out.outputs[0]
+        return list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)], out.num_cached_tokens
+
+    # differing emphasis inside the first block: nothing is shared
+    cold = go([(10, 60)], reset=True)
+    go([(10, 40), (50, 60)], reset=True)
+    after = go([(10, 60)])
+    assert after[2] == 0, f"a request reused KV computed under other emphasised spans: {after[2]}"
+    assert after[:2] == cold[:2]
+    # differing emphasis only in the second block: the first block (same tokens, same emphasis) is reused
+    cold = go([(10, 40), (135, 150)], reset=True)
+    go([(10, 40), (130, 150)], reset=True)
+    after = go([(10, 40), (135, 150)])
+    assert after[2] == 128, f"expected the first block to be reused, got {after[2]} cached tokens"
+    assert after[0] == cold[0] and max(abs(a - b) for a, b in zip(after[1], cold[1])) < 1e-4
+    repeat = go([(10, 40), (135, 150)])
+    assert repeat[2] == 128 and repeat[0] == cold[0]  # a repeat reuses its own block
+
+
 # --- TAIA mixing of a fully fine-tuned variant ------------------------------------------------
 
 def perturbed_copy(src, out, seed=7, scale=0.05):

@@ -10,6 +10,7 @@ from engine_checks import (
     check_context_alpha_one_is_close,
     check_mixed_batch_bit_identical,
     check_neutral_identity,
+    check_prefix_cache_isolates_spans,
     check_prefix_cache_salted,
     check_reference_parity,
     plans,
@@ -54,6 +55,10 @@ def test_neutral_plan_is_identity(llm, info):
 
 def test_context_attention_alpha_one_recomputes_the_kernel(llm, info):
     check_context_alpha_one_is_close(llm, info)
+
+
+def test_prefix_cache_isolates_emphasis_spans(llm, info):
+    check_prefix_cache_isolates_spans(llm, info)
 
 
 def test_logprobs_match_hf_reference(llm, hf, info):

@@ -76,3 +76,37 @@ def test_echo_shape():
     assert plan.echo() == {"applied": [{"steer": "infosteer", "mode": "topk", "alpha": 3.0, "layers": [0], "k": 9}],
                            "fingerprint": plan.fingerprint()}
     assert SteerPlan().echo()["fingerprint"] is None
+
+
+def test_null_means_the_default():
+    from steerserve.server.experiments import resolve_experiment
+    from steerserve.server.schema import resolve_profile
+
+    assert normalise({"infosteer": {"alpha": None, "mode": None}}, INFO).is_empty  # alpha 1 = neutral
+    assert normalise({"infosteer": {"alpha": 2, "layers": None}}, INFO) == normalise({"infosteer": {"alpha": 2}}, INFO)
+    assert normalise({"profile": None, "experiment": None, "infosteer": None, "mixing": None}, INFO).is_empty
+    assert resolve_profile({"profile": None, "infosteer": {"alpha": 2}}, {}) == ({"infosteer": {"alpha": 2}}, None)
+    assert resolve_experiment({"experiment": None}, {}, None) == ({}, None)
+    # a null steer key still removes a profile's steer (documented), a null field resets it to its default
+    profiles = {"p": {"infosteer": {"alpha": 3, "layers": [1]}}}
+    assert resolve_profile({"profile": "p", "infosteer": None}, profiles) == ({}, "p")
+    merged, _ = resolve_profile({"profile": "p", "infosteer": {"layers": None}}, profiles)
+    assert normalise(merged, INFO).infosteer.layers == tuple(range(30))
+
+
+def test_negative_zero_is_canonical():
+    zero = normalise({"infosteer": {"alpha": 0.0}}, INFO)
+    negative = normalise({"infosteer": {"alpha": -0.0}}, INFO)
+    assert negative == zero and negative.fingerprint() == zero.fingerprint()
+    assert str(negative.echo()["applied"][0]["alpha"]) == "0.0"
+
+
+def test_huge_names_are_not_echoed_whole():
+    from steerserve.server.schema import resolve_profile
+
+    with pytest.raises(SteerError) as err:
+        resolve_profile({"profile": "p" * 10**6}, {})
+    assert len(err.value.message) < 400
+    with pytest.raises(SteerError) as err:
+        normalise({"k" * 10**6: 1}, INFO)
+    assert len(err.value.field) < 260 and len(err.value.message) < 400
