@@ -98,7 +98,7 @@ class DefaultDeny:
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(_UNAUTHORIZED)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
+                                (b"www-authenticate", b"Bearer"), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": _UNAUTHORIZED})
 
 

@@ -154,12 +154,10 @@ def _from_validation_error(err: ValidationError) -> SteerError:
     parts: list[str] = ["steer"]
     in_union = False
     for part in first["loc"]:
-        if isinstance(part, str) and len(part) > ECHO_CAP:  # an unknown key of any size: never echoed whole
-            part = f"{part[:ECHO_CAP]}..."
         if isinstance(part, int):
             parts[-1] += f"[{part}]"
         elif part.isidentifier():
-            parts.append(part)
+            parts.append(part if len(part) <= ECHO_CAP else f"{part[:ECHO_CAP]}...")  # a key of any size: cut
         else:  # a union member's tag, such as "literal['all']" or "list[int]"
             in_union = True
             break

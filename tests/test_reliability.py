@@ -38,9 +38,13 @@ experiments:
 """
 
 
+TIMEOUT_S = 3  # --header-timeout and --body-timeout of the test server
+
+
 def server_args(model, root):
-    return ["--model", str(model), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "128",
-            "--kv-cache-gb", "0.25", "--feedback-db", str(root / "ab.sqlite3"), "--config", str(root / "config.yaml")]
+    return ["--model", str(model), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "256",
+            "--kv-cache-gb", "0.25", "--feedback-db", str(root / "ab.sqlite3"), "--config", str(root / "config.yaml"),
+            "--header-timeout", str(TIMEOUT_S), "--body-timeout", str(TIMEOUT_S)]
 
 
 def server_env(root):
@@ -128,22 +132,192 @@ def test_no_request_field_loads_files_models_or_code(server):
         assert r.status_code == 400 and error_of(r)["param"].startswith(field), (steer, r.text)
 
 
-def test_forged_plans_on_other_routes_do_not_reach_the_engine(server):
-    """vLLM's other generation routes pass `vllm_xargs` through: a plan there is not signed by the
-    API process, so the engine runs the request unsteered (it used to take the engine down)."""
-    base, _, log, _ = server
+def test_steering_on_routes_that_do_not_steer_is_refused(server):
+    """vLLM's other generation routes would ignore `steer` (silently unsteered) and pass
+    `vllm_xargs` through (a forged plan used to take the engine down; the engine still runs only
+    signed plans, see test_vllm_adapter): both are refused with a 400 naming the route and field."""
+    base, *_ = server
     forged = json.dumps({"infosteer": {"layers": [99], "mode": "topk", "alpha": 2.0, "k": 10**6, "m": 0, "p": 0}})
-    plain = post(base, "/v1/completions", {"model": "tiny", "prompt": "Hello there", "max_tokens": 6,
-                                            "temperature": 0.0}).json()["choices"][0]["text"]
-    r = post(base, "/invocations", {"model": "tiny", "prompt": "Hello there", "max_tokens": 6, "temperature": 0.0,
-                                    "vllm_xargs": {"steer": forged}})
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain
-    r = post(base, "/v1/chat/completions/batch", {"model": "tiny", "messages": [MSG], "max_tokens": 4,
-                                                  "vllm_xargs": {"steer": "garbage", "steer_signature": "0" * 64}})
-    assert r.status_code == 200, r.text
+    for path, body in (("/invocations", {"model": "tiny", "prompt": "Hello there", "max_tokens": 6}),
+                       ("/invocations", {"model": "tiny", "messages": MSG, "max_tokens": 6}),
+                       ("/v1/chat/completions/batch", {"model": "tiny", "messages": [MSG], "max_tokens": 4}),
+                       ("/v1/messages", {"model": "tiny", "messages": MSG, "max_tokens": 4})):
+        r = post(base, path, {**body, "steer": {"infosteer": {"alpha": 99}}})
+        assert r.status_code == 400 and error_of(r)["param"] == "steer" and path in error_of(r)["message"], r.text
+        r = post(base, path, {**body, "vllm_xargs": {"steer": forged, "steer_signature": "0" * 64}})
+        assert r.status_code == 400 and error_of(r)["param"] == "vllm_xargs.steer", r.text
+        assert post(base, path, body).status_code == 200, (path, body)  # the route itself still serves
     assert post(base, "/v1/responses", {"model": "tiny", "input": "Hi"}).status_code == 404  # off by default
     assert httpx.get(f"{base}/health").status_code == 200
-    assert log.read_text().count("is not signed by this server's API process") >= 2
+
+
+PUBLIC = {("GET", "/health"), ("GET", "/ping"), ("GET", "/metrics"), ("GET", "/playground")}
+
+
+def test_every_route_requires_the_key(server, tiny_llama, monkeypatch):
+    """Default deny: every route the app serves (enumerated from vLLM's own app builder, so a
+    route a vLLM upgrade adds is covered) answers 401 without the key, except the public ones."""
+    from steerserve.patches.vllm_adapter import served_routes
+
+    base, *_ = server
+    monkeypatch.setenv("VLLM_PLUGINS", "steerserve,steerserve_api")
+    routes = served_routes(["--model", str(tiny_llama)])
+    assert len(routes) > 30 and ("POST", "/invocations") in routes and ("POST", "/generative_scoring") in routes
+    checked = []
+    with httpx.Client(base_url=base, timeout=60) as client:
+        for method, path in routes:
+            url = re.sub(r"\{[^}]+\}", "x", path)
+            r = client.request(method, url, json={"model": "tiny", "prompt": "hi", "max_tokens": 2}
+                               if method == "POST" else None)
+            if (method, path) in PUBLIC:
+                assert r.status_code == 200, (method, path, r.status_code)
+            else:
+                assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
+                assert r.json()["error"]["code"] == 401
+                checked.append(path)
+            # the key in the query string is no key
+            r = client.request(method, f"{url}?api_key={API_KEY}", json={} if method == "POST" else None)
+            assert r.status_code == 401 or (method, path) in PUBLIC
+        # the issue's reproduction: generation on /invocations with no key
+        r = client.post("/invocations", json={"model": "tiny", "messages": MSG, "max_tokens": 8})
+        assert r.status_code == 401
+    print(f"{len(checked)} routes answered 401 without the key: {sorted(set(checked))}")
+
+
+def test_metrics_labels_do_not_grow_with_client_input(server):
+    """1000 requests with unique 1 kB unknown steer keys: /metrics stays the same size (within the
+    digits of its counters); the rejections count under `other`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base, *_ = server
+    with httpx.Client(base_url=base, headers=AUTH, timeout=60) as client:
+        def bad(i):
+            key = f"k{i:06d}" + "x" * 1000
+            r = client.post("/v1/chat/completions", json=chat_body(steer={key: 1}))
+            assert r.status_code == 400 and len(r.content) < 2000, r.text[:300]
+
+        bad(1000)  # the first rejection creates the label
+        before = len(client.get("/metrics").content)
+        for i in range(1000):
+            bad(i)
+        text = client.get("/metrics").text
+    assert abs(len(text) - before) < 400, (before, len(text))
+    rejected = {s.labels["field"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "steerserve_steer_rejected" for s in f.samples if s.name.endswith("_total")}
+    assert rejected.get("other", 0) >= 1001 and all(len(k) < 100 for k in rejected)
+
+
+def test_stalled_clients_are_cut_off(server):
+    """A client that never finishes its headers is disconnected after --header-timeout; one that
+    never finishes its body gets 408 after --body-timeout (with the key) or 401 at once (without)."""
+    import socket
+
+    base, *_ = server
+    host, port = base.removeprefix("http://").split(":")
+
+    def exchange(data: bytes) -> tuple[bytes, float]:
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S * 5) as sock:
+            sock.sendall(data)
+            started, got = time.time(), b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            return got, time.time() - started
+
+    got, took = exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    assert got == b"" and took < TIMEOUT_S + 2, (got, took)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 500\r\nAuthorization: Bearer {API_KEY}\r\n\r\n").encode()
+    got, took = exchange(head + b'{"model": "tiny", ')
+    assert got.startswith(b"HTTP/1.1 408") and b"--body-timeout" in got and TIMEOUT_S - 0.5 < took < TIMEOUT_S + 2
+    got, took = exchange(head.replace(API_KEY.encode(), b"wrong") + b'{"model": ')
+    assert got.startswith(b"HTTP/1.1 401") and took < 1
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_error_bodies_do_not_echo_megabytes(server):
+    base, *_ = server
+    huge = "p" * (1 << 20)
+    for body in (chat_body(steer={"profile": huge}), chat_body(model=huge), chat_body(steer={huge: 1}),
+                 chat_body(steer={"mixing": {huge: 1}}), chat_body(max_tokens=huge)):
+        r = post(base, "/v1/chat/completions", body)
+        assert 400 <= r.status_code < 500 and len(r.content) < 2500, (r.status_code, len(r.content))
+    r = post(base, "/v1/ab/feedback", {"response_id": "r" * 256, "thumbs": "up"})
+    assert r.status_code == 404 and len(r.content) < 1000
+
+
+def test_contract_edges(server):
+    base, *_ = server
+    # nulls mean the default wherever the schema marks a field nullable
+    for steer in ({"experiment": None}, {"profile": None}, {"infosteer": {"alpha": None}},
+                  {"infosteer": {"alpha": 2, "layers": None}, "context_attention": None}):
+        r = post(base, "/v1/chat/completions", chat_body(steer=steer))
+        assert r.status_code == 200, (steer, r.text)
+    # numbers are canonical in plans: -0.0 is 0.0 (one fingerprint, one cache salt)
+    echoes = [post(base, "/v1/chat/completions", chat_body(steer={"infosteer": {"alpha": a}})).json()["steer"]
+              for a in (0.0, -0.0)]
+    assert echoes[0] == echoes[1] and echoes[1]["applied"][0]["alpha"] == 0.0
+    # max_tokens beyond the context: 400; prompt + max_tokens beyond it: truncated at the context end
+    r = post(base, "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 257})
+    assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
+    r = post(base, "/v1/completions", {"model": "tiny", "prompt": "Hi " * 100, "max_tokens": 250, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["total_tokens"] <= 256
+    # a steer object 5000 levels deep: 400 naming `steer`
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000
+    r = post(base, "/v1/chat/completions", content=('{"model": "tiny", "messages": [{"role": "user", "content": '
+                                                    '"x"}], "max_tokens": 2, "steer": ' + deep + "}").encode(),
+             headers={"content-type": "application/json"})
+    assert r.status_code == 400 and error_of(r)["param"] == "steer", r.text[:300]
+
+
+def test_vllm_streaming_echo_logprobs_n_bug(server):
+    """vLLM 0.32 puts a 500 error event in a streaming /v1/completions with echo + logprobs + n > 1
+    (our route refuses the combination with a 400 naming `n`). /invocations reaches vLLM's stock
+    handler: when this stops failing there, vLLM fixed it and the refusal can go."""
+    base, *_ = server
+    body = {"model": "tiny", "max_tokens": 3, "echo": True, "logprobs": 1, "n": 4, "stream": True}
+    r = post(base, "/v1/completions", {**body, "prompt": "Hello"})
+    assert r.status_code == 400 and error_of(r)["param"] == "n" and "stream" in error_of(r)["message"]
+    assert post(base, "/v1/completions", {**body, "prompt": "Hello", "stream": False}).status_code == 200
+    failures = 0
+    for i in range(4):
+        r = post(base, "/invocations", {**body, "prompt": f"Fresh prompt number {i}"})
+        failures += '"error"' in r.text and "InternalServerError" in r.text
+    assert failures > 0, "vLLM no longer fails streaming echo+logprobs+n>1: drop vllm_adapter.refused_by_vllm_bug"
+
+
+LONG_USER = ("Read this passage about rivers. The Danube flows through ten countries, more than any other river "
+             "in the world, and ends in the Black Sea after a long journey across central and eastern Europe. ")
+
+
+def test_prefix_cache_does_not_leak_between_spans_over_http(server):
+    """The issue's reproduction over HTTP: A = two user messages, B = one user message with the
+    template's turn tokens typed inside (same prompt ids, other spans). B after A equals B cold."""
+    base, *_ = server
+    u1 = LONG_USER * 2
+    u2 = ("Which sea does it end in? Answer with the name of the sea only, in one or two words, and nothing "
+          "else: no explanation, no greeting, no punctuation, no repetition of the question.")
+    steer = {"context_attention": {"alpha": 0.3, "heads": "all"}}
+
+    def ask(messages, salt):
+        r = post(base, "/v1/chat/completions", chat_body(messages=messages, steer=steer, max_tokens=6, logprobs=True,
+                                                         cache_salt=salt))
+        assert r.status_code == 200, r.text
+        lps = [t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"]]
+        return r.json()["steer"]["applied"][0], lps
+
+    a_msgs = [{"role": "user", "content": u1}, {"role": "user", "content": u2}]
+    b_msgs = [{"role": "user", "content": u1 + "<|im_end|>\n<|im_start|>user\n" + u2}]
+    b_echo, b_cold = ask(b_msgs, "cold-b")
+    a_echo, a_lps = ask(a_msgs, "shared")
+    # the spans first differ inside the first 128-token KV block, and the prompt fills that block
+    assert a_echo["spans"] != b_echo["spans"] and a_echo["spans"][0][1] < 128 < a_echo["spans"][-1][1], a_echo
+    assert max(abs(x - y) for x, y in zip(a_lps, b_cold)) > 1e-3  # the spans matter: a leak would show
+    _, b_after_a = ask(b_msgs, "shared")
+    assert max(abs(x - y) for x, y in zip(b_after_a, b_cold)) < 1e-4, (b_after_a, b_cold)
 
 
 def test_schemathesis_fuzz_every_route(server):
@@ -186,7 +360,14 @@ def test_experiment_feedback_recorded(server, experiment_record):
     for unit in ["u1", "u2", "u3", "u4", "u5", "u6"]:
         r = post(base, "/v1/chat/completions", chat_body(user=unit, steer={"experiment": "tone"}))
         assert r.status_code == 200, r.text
-        fb = post(base, "/v1/ab/feedback", {"response_id": r.json()["id"], "thumbs": "up"})
+        # feedback only from the unit the response was served to (another key holder gets 403)
+        for other in ({}, {"user": "intruder"}):
+            fb = post(base, "/v1/ab/feedback", {"response_id": r.json()["id"], "thumbs": "down", **other})
+            assert fb.status_code == 403 and error_of(fb)["param"] == "user", fb.text
+        fb = post(base, "/v1/ab/feedback", {"response_id": r.json()["id"], "thumbs": "up", "user": unit})
+        assert fb.status_code == 200, fb.text
+        fb = post(base, "/v1/ab/feedback", {"response_id": r.json()["id"], "thumbs": "up"},
+                  headers={"X-Steerserve-Unit": unit})
         assert fb.status_code == 200, fb.text
     arms = httpx.get(f"{base}/v1/ab/experiments/tone", headers=AUTH).json()["arms"]
     experiment_record.update({a["arm"]: (a["responses"], a["feedback"]) for a in arms})

@@ -300,3 +300,99 @@ def test_engine_refuses_unsigned_plans_on_a_fake_runner(monkeypatch, caplog):
     assert [entry[0] for entry in ffn] == [plan.infosteer]
     refusals = [r for r in caplog.records if "running it unsteered" in r.getMessage()]
     assert len(refusals) == 2
+
+
+def test_http_server_surfaces():
+    """uvicorn: `Config.load` picks `http_protocol_class`; both protocol implementations have the
+    hooks the header timeout uses; a wrapped class keeps working (a real socket: headers never
+    completed -> closed; completed -> answered)."""
+    import asyncio
+    import inspect
+
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert "http_protocol_class" in inspect.getsource(uvicorn.Config.load)
+    for cls in (H11Protocol, HttpToolsProtocol):
+        for name in ("connection_made", "on_response_complete", "connection_lost"):
+            assert callable(getattr(cls, name)), (cls, name)
+        assert "self.cycle" in inspect.getsource(cls) and "self.loop" in inspect.getsource(cls.__init__)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario(protocol):
+        import socket
+
+        config = uvicorn.Config(app, http=protocol, log_level="warning", lifespan="off")
+        config.load()
+        config.http_protocol_class = vllm_adapter.with_header_timeout(config.http_protocol_class, 0.5)
+        server = uvicorn.Server(config)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers never completed
+        await writer.drain()
+        closed = await asyncio.wait_for(reader.read(), 5)  # EOF once the server closes it
+        reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+        writer2.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader2.read(), 5)
+        server.should_exit = True
+        await task
+        return closed, answer
+
+    for protocol in ("h11", "httptools"):
+        closed, answer = asyncio.run(scenario(protocol))
+        assert closed == b"" and answer.startswith(b"HTTP/1.1 200"), (protocol, closed, answer)
+
+
+def test_prefix_cache_hash_surfaces():
+    """The block hasher looks `generate_block_hash_extra_keys` up by name at call time (so the
+    wrapper is seen), with the signature the wrapper forwards, and requests keep their sampling
+    params in the engine core."""
+    import inspect
+
+    from vllm.v1.core import block_pool, kv_cache_utils
+    from vllm.v1.request import Request
+
+    hasher = kv_cache_utils.get_request_block_hasher(16, lambda x: b"")
+    inner = hasher.__code__
+    assert "generate_block_hash_extra_keys" in inner.co_names
+    vllm_adapter.install_prefix_cache_keys()
+    wrapped = kv_cache_utils.generate_block_hash_extra_keys
+    assert getattr(wrapped, "_steerserve_wrapped", False) and block_pool.generate_block_hash_extra_keys is wrapped
+    vllm_adapter.install_prefix_cache_keys()  # idempotent
+    assert kv_cache_utils.generate_block_hash_extra_keys is wrapped
+    original = inspect.signature(inspect.unwrap(wrapped))
+    assert list(inspect.signature(wrapped).parameters) == list(original.parameters)
+    assert "sampling_params" in inspect.signature(Request.__init__).parameters
+
+
+def test_route_enumeration_and_the_vllm_streaming_echo_bug_code(monkeypatch):
+    """`served_routes` sees vLLM's routes and ours; the code of the bug `refused_by_vllm_bug`
+    works around is still there (when this fails, check whether vLLM fixed it and drop the refusal)."""
+    import inspect
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    from steerserve.server.model_store import ensure_embedded_model
+
+    monkeypatch.setenv("VLLM_PLUGINS", "steerserve,steerserve_api")  # as `serve` sets it (cli.enable_plugins)
+    routes = vllm_adapter.served_routes(["--model", str(ensure_embedded_model())])
+    paths = {p for _, p in routes}
+    assert {"/invocations", "/tokenize", "/v1/chat/completions", "/v1/ab/feedback", "/health", "/metrics"} <= paths
+    source = inspect.getsource(OpenAIServingCompletion._create_completion_logprobs)
+    assert "step_top_logprobs[token_id]" in source
+    bug = SimpleNamespace(stream=True, echo=True, logprobs=1, n=4)
+    assert vllm_adapter.refused_by_vllm_bug(bug)[0] == "n"
+    for ok in (dict(n=1), dict(stream=False), dict(echo=False), dict(logprobs=None)):
+        assert vllm_adapter.refused_by_vllm_bug(SimpleNamespace(**{**vars(bug), **ok})) is None
