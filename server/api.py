@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from argparse import Namespace
 from dataclasses import dataclass
@@ -409,6 +410,16 @@ def document_steer_in_openapi(app: FastAPI) -> None:
                 components[name].setdefault("properties", {})["steer"] = {
                     "anyOf": [{"$ref": "#/components/schemas/SteerSpec"}, {"type": "null"}],
                     "description": "steerserve: per-request steering (README, The steering contract)"}
+        if os.environ.get(auth.API_KEY_ENV):
+            # the key requirement, per operation (API clients and fuzzers check it: schemathesis'
+            # `ignored_auth` sends each operation without and with a wrong key)
+            schema["components"].setdefault("securitySchemes", {})["bearerAuth"] = {
+                "type": "http", "scheme": "bearer", "description": "the server's API key (steerserve serve --api-key)"}
+            public = auth.public_paths()
+            for path, operations in schema.get("paths", {}).items():
+                for method, operation in operations.items():
+                    if isinstance(operation, dict) and method in ("get", "post", "put", "patch", "delete"):
+                        operation["security"] = [] if (path in public and method == "get") else [{"bearerAuth": []}]
         app._steerserve_openapi = schema
         return schema
 

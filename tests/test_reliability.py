@@ -1,6 +1,8 @@
-"""Reliability suite against a real server (tiny random Llama, float32, 128-token context, API key):
-hostile input refused by documented caps, a schemathesis fuzz of every route of /openapi.json
-(the `steer` object included), 64 concurrent streaming clients with a quarter hanging up, and the
+"""Reliability suite against a real server (tiny random Llama, float32, 256-token context, API key):
+hostile input refused by documented caps, every route behind the key, closed metric labels, stalled
+clients cut off, steering refused where it cannot apply, capped error bodies, prefix-cache isolation
+of emphasis spans, a schemathesis fuzz of every route of /openapi.json (the `steer` object and the
+key requirement included), 64 concurrent streaming clients with a quarter hanging up, and the
 engine process killed under load. The long variants are commands: `steerserve loadtest` against
 any server, and the fuzz with more examples (README, Reliability)."""
 
@@ -322,10 +324,12 @@ def test_prefix_cache_does_not_leak_between_spans_over_http(server):
 
 def test_schemathesis_fuzz_every_route(server):
     """At least 1000 generated cases over every operation of /openapi.json, the `steer` object of
-    the generation routes included: no 5xx, no request past its timeout (a hang)."""
+    the generation routes included: no 5xx, no request past its timeout (a hang), and every
+    operation the schema marks as keyed refuses the same request without the key or with a wrong
+    one (`ignored_auth`)."""
     base, _, _, root = server
     st = Path(sys.executable).parent / "st"
-    cmd = [str(st), "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--phases", "fuzzing",
+    cmd = [str(st), "run", f"{base}/openapi.json", "--checks", "not_a_server_error,ignored_auth", "--phases", "fuzzing",
            "--max-examples", str(FUZZ_EXAMPLES), "--request-timeout", "60", "--seed", "7", "--no-shrink",
            "--workers", "1", "-H", f"Authorization: Bearer {API_KEY}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=root)
@@ -390,7 +394,7 @@ def test_engine_death_fails_requests_and_health_then_exits(server):
               or p.name().startswith("VLLM::EngineCor")]
     assert engine, [p.name() for p in psutil.Process(proc.pid).children(recursive=True)]
 
-    body = {"model": "tiny", "prompt": "Count:", "max_tokens": 120, "n": 16, "ignore_eos": True, "temperature": 1.0}
+    body = {"model": "tiny", "prompt": "Count:", "max_tokens": 240, "n": 16, "ignore_eos": True, "temperature": 1.0}
 
     def long_request(i):
         """Returns (HTTP status or None, whether the response completed, text)."""

@@ -389,17 +389,18 @@ def test_ab_feedback_and_summary(server, client):
 
     local = Experiment("tone", (ExperimentArm("control", None, 1.0), ExperimentArm("strong", "strong", 1.0)))
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    ids = {}
+    ids, units = {}, {}
     for unit in ["fb-a", "fb-b", "fb-c", "fb-d", "fb-e", "fb-f"]:
         r = chat(client, {"experiment": "tone"}, user=unit, max_tokens=4)
-        ids[r.id] = local.assign(unit).name
+        ids[r.id], units[r.id] = local.assign(unit).name, unit
     stream = chat(client, {"experiment": "tone"}, user="fb-g", stream=True, max_tokens=4)
     streamed_id = next(iter(stream)).id
     list(stream)
-    ids[streamed_id] = local.assign("fb-g").name
+    ids[streamed_id], units[streamed_id] = local.assign("fb-g").name, "fb-g"
     before = httpx.get(f"{server}/v1/ab/experiments/tone", headers=headers).json()
     for n, rid in enumerate(ids):
         body = {"response_id": rid, "score": n / 10} if n % 2 else {"response_id": rid, "thumbs": "up"}
+        body["user"] = units[rid]  # feedback only from the unit the response was served to
         r = httpx.post(f"{server}/v1/ab/feedback", json=body, headers=headers)
         assert r.status_code == 200, r.text
         assert r.json()["arm"] == ids[rid]
