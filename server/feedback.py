@@ -92,11 +92,15 @@ class FeedbackStore:
             self._db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?)",
                              (response_id, experiment, arm, unit, time.time()))
 
-    def response(self, response_id: str) -> tuple[str, str, str | None] | None:
-        """(experiment, arm, unit key) of a recorded response."""
-        row = self._db.execute("SELECT experiment, arm, unit FROM responses WHERE response_id = ?",
-                               (response_id,)).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+    def response(self, response_id: str) -> tuple[str, str] | None:
+        """(experiment, arm) of a recorded response."""
+        row = self._db.execute("SELECT experiment, arm FROM responses WHERE response_id = ?", (response_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def unit(self, response_id: str) -> str | None:
+        """The unit key a recorded response was served to."""
+        row = self._db.execute("SELECT unit FROM responses WHERE response_id = ?", (response_id,)).fetchone()
+        return row[0] if row else None
 
     def add_feedback(self, response_id: str, kind: str, score: float, comment: str | None) -> None:
         with self._lock:
@@ -217,8 +221,8 @@ async def post_feedback(raw_request: Request):
     if served is None:
         return _error(404, "response_id", f"response_id {shown(fb.response_id)} was not served under an A/B experiment "
                                           "by this server (only experiment responses take feedback)")
-    unit = fb.user or raw_request.headers.get(UNIT_HEADER)
-    if served[2] is not None and (unit is None or not secrets.compare_digest(unit.encode(), served[2].encode())):
+    unit, owner = fb.user or raw_request.headers.get(UNIT_HEADER), store.unit(fb.response_id)
+    if owner is not None and (unit is None or not secrets.compare_digest(unit.encode(), owner.encode())):
         return _error(403, "user", "feedback on this response is accepted only from the unit it was served to: "
                                    "send the request's `user` value as `user` (or the X-Steerserve-Unit header)")
     kind, score = ("score", fb.score) if fb.score is not None else ("thumbs", 1.0 if fb.thumbs == "up" else 0.0)

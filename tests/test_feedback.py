@@ -33,6 +33,7 @@ def test_store_persists_and_summarises(tmp_path):
     store.close()
     store = FeedbackStore(path)  # a restart: nothing lost
     assert store.response("r4") == ("tone", "strong") and store.response("nope") is None
+    assert store.unit("r4") == "u4" and store.unit("other") is None and store.unit("nope") is None
     summary = {a["arm"]: a for a in store.summary("tone", ["control", "strong", "unused"])["arms"]}
     assert summary["strong"]["responses"] == 3 and summary["strong"]["feedback"] == 2
     assert summary["strong"]["score"]["mean"] == pytest.approx(0.85)
