@@ -383,6 +383,18 @@ def test_api_key_never_logged(server):
     assert API_KEY not in log.read_text()
 
 
+def _running_requests(base) -> float:
+    """vLLM's gauge of requests running in the engine (0 when unreadable)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return 0
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "vllm:num_requests_running"
+               for s in f.samples)
+
+
 def test_engine_death_fails_requests_and_health_then_exits(server):
     """Kill the engine process under load: in-flight requests end with an error (not a hang),
     /health fails at once, and the server exits non-zero so an orchestrator restarts it. (Last in
@@ -412,7 +424,10 @@ def test_engine_death_fails_requests_and_health_then_exits(server):
 
     with cf.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(long_request, i) for i in range(8)]
-        time.sleep(0.5)
+        # kill as soon as the engine runs all eight requests (a fixed sleep raced their completion)
+        deadline = time.time() + 30
+        while time.time() < deadline and _running_requests(base) < 8:
+            time.sleep(0.02)
         killed_at = time.time()
         for p in engine:
             p.send_signal(signal.SIGKILL)
