@@ -56,7 +56,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
     from steerserve.server.model_store import ensure_embedded_model
     from steerserve.training.export import merge_full
 
-    from .bench import _prompts, measure_engine, paired_ratio, print_targets_report
+    from .bench_engine import _prompts, measure_engine, paired_ratio, print_targets_report
 
     model_dir = Path(args.model) if args.model else ensure_embedded_model()
     tok = AutoTokenizer.from_pretrained(model_dir)

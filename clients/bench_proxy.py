@@ -49,7 +49,7 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     from steerserve.server.model_store import ensure_embedded_model
     from steerserve.server.schema import ModelInfo
 
-    from .bench import _prompts, measure_engine, paired_ratio, print_targets_report
+    from .bench_engine import _prompts, measure_engine, paired_ratio, print_targets_report
 
     model_dir = Path(args.model) if args.model else ensure_embedded_model()
     info = ModelInfo.from_checkpoint(model_dir)

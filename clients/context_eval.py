@@ -66,7 +66,7 @@ class Engine:
         shutdown_engine(self.llm)
 
     def prompt(self, item, emphasis: str = "user") -> tuple[list[int], tuple]:
-        from steerserve.server.spans import chat_spans
+        from steerserve.patches.steers.context_attention.spans import chat_spans
 
         text = PROMPT.format(passage=item.passage, question=item.question)
         if emphasis == "marked":  # emphasise the passage only

@@ -1,60 +1,65 @@
-"""A typed builder for the `steer` request object, validated against the server's own schema.
+"""A typed builder for the `steer` request object, validated with the server's own Specs.
 
     from openai import OpenAI
     from steerserve.clients import Steer
 
     steer = Steer().infosteer(alpha=1.5, layers=[10, 11, 12])
     steer = Steer().context_attention(alpha=0.5, heads="default")     # PASTA-style emphasis
+    steer = Steer().mixing("taia").proxy(pair="demo", alpha=0.5).context_indicator()
     client.chat.completions.create(model=..., messages=..., extra_body=steer.extra_body())
+
+Every steer of the registry (`steerserve.patches.steers`) has a builder method of its name, by
+construction: its arguments are the fields of that steer's Spec, and its value is validated by
+that Spec (pydantic.ValidationError on values no model accepts). Imports neither torch nor vLLM.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-from steerserve.server.schema import ContextAttentionSpec, InfoSteerSpec, SteerSpec
+from steerserve.patches.steers import BY_NAME
 
 
 class Steer:
-    """Immutable builder: each method returns a new `Steer` with one more steer set."""
+    """Immutable builder: each method returns a new `Steer` with one more field set."""
 
-    def __init__(self, spec: SteerSpec | None = None):
-        self._spec = spec or SteerSpec()
+    def __init__(self, fields: dict[str, Any] | None = None):
+        self._fields = dict(fields or {})
 
-    def infosteer(
-        self,
-        alpha: float,
-        mode: Literal["scale", "topk", "lift"] = "scale",
-        layers: Literal["all"] | list[int] = "all",
-        k: int | None = None,
-        p: float | None = None,
-    ) -> Steer:
-        """FFN memory amplification; raises pydantic.ValidationError on values no model accepts."""
-        info = InfoSteerSpec(alpha=float(alpha), mode=mode, layers=layers, k=k, p=p)
-        return Steer(self._spec.model_copy(update={"infosteer": info}))
+    def _with(self, name: str, value: Any) -> Steer:
+        return Steer({**self._fields, name: value})
 
-    def context_attention(
-        self,
-        alpha: float | None = None,
-        layers: Literal["all"] | list[int] = "all",
-        heads: Literal["all"] | list[list[int]] | str | None = None,
-        emphasis: Literal["user", "last_user", "marked"] | None = None,
-    ) -> Steer:
-        """User-context attention steering (PASTA-style); `None` leaves a field to the server's
-        default (alpha by head set, the server's default head set, emphasis "user" on chat)."""
-        spec = ContextAttentionSpec(
-            alpha=None if alpha is None else float(alpha), layers=layers,
-            heads=[list(p) for p in heads] if isinstance(heads, (list, tuple)) else heads, emphasis=emphasis,
-        )
-        return Steer(self._spec.model_copy(update={"context_attention": spec}))
+    def __getattr__(self, name: str):
+        steer = BY_NAME.get(name)
+        if steer is None:
+            raise AttributeError(f"Steer has no steer {name!r}; steers: {', '.join(BY_NAME)} (and profile, "
+                                 "experiment)")
+
+        def build(*args, **kwargs) -> Steer:
+            return self._with(name, steer.build(*args, **kwargs))
+
+        build.__name__ = name
+        build.__doc__ = f"steer.{name}: {steer.summary}. {steer.build.__doc__ or ''}".strip()
+        return build
+
+    def __dir__(self):
+        return [*super().__dir__(), *BY_NAME]
 
     def profile(self, name: str) -> Steer:
         """Use a server-side profile (the other steers set here override its fields)."""
-        return Steer(self._spec.model_copy(update={"profile": name}))
+        if not isinstance(name, str):
+            raise TypeError("a profile name is a string")
+        return self._with("profile", name)
+
+    def experiment(self, name: str) -> Steer:
+        """Join a server-side A/B experiment (alone; send a `user` unit key with the request)."""
+        if not isinstance(name, str):
+            raise TypeError("an experiment name is a string")
+        return self._with("experiment", name)
 
     def to_dict(self) -> dict:
         """The `steer` object as JSON-ready data (unset fields left to the server's defaults)."""
-        return self._spec.model_dump(exclude_none=True, exclude_unset=False, exclude_defaults=False)
+        return dict(self._fields)
 
     def extra_body(self, **more) -> dict:
         """`extra_body` for the OpenAI SDK: {"steer": {...}, **more}."""

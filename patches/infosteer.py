@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .steers.infosteer import lift_count  # noqa: F401  (re-exported: the lift count is part of the plan)
+
 
 def scale_rows(c: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """c: [n, d]; alpha: [n] -> new [n, d]."""
@@ -66,11 +68,6 @@ def apply_one(c: torch.Tensor, mode: str, alpha: float, k: int = 0, m: int = 0) 
     else:
         raise ValueError(f"unknown InfoSteer mode {mode!r}")
     return out.reshape(shape)
-
-
-def lift_count(p: float, d_ffn: int) -> int:
-    """Number of coefficients `lift` rewrites per token: floor(p * d_ffn)."""
-    return int(p * d_ffn)
 
 
 def coefficient_entropy(c: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

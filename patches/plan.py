@@ -13,7 +13,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, field, make_dataclass
+
+from .steers import BY_NAME, STEERS
+from .steers.base import canonical_numbers  # noqa: F401  (re-exported)
+from .steers.context_attention import ContextAttentionPlan  # noqa: F401  (re-exported)
+from .steers.infosteer import InfoSteerPlan  # noqa: F401  (re-exported)
+from .steers.mixing import MixingPlan  # noqa: F401  (re-exported)
+from .steers.proxy import ProxyPlan  # noqa: F401  (re-exported)
 
 EXTRA_ARGS_KEY = "steer"
 # The engine only runs plans its own API server validated: `steerserve serve` puts a random key in
@@ -24,154 +31,26 @@ EXTRA_ARGS_KEY = "steer"
 # variable (an offline `vllm.LLM` in the caller's own code) plans are trusted.
 PLAN_KEY_ENV = "STEERSERVE_PLAN_KEY"
 SIGNATURE_KEY = "steer_signature"
-INFOSTEER_MODES = ("scale", "topk", "lift")
 
 
-def canonical_numbers(plan: object) -> None:
-    """Make a frozen plan's numbers canonical in place: fields declared `float` hold floats, and
-    -0.0 is 0.0 (so equal plans have one JSON form, one fingerprint and one cache salt)."""
-    for f in fields(plan):
-        value = getattr(plan, f.name)
-        if f.type == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            object.__setattr__(plan, f.name, float(value) + 0.0)  # -0.0 + 0.0 == +0.0
 
-
-@dataclass(frozen=True)
-class InfoSteerPlan:
-    """FFN memory amplification on `layers` (0-based decoder layer indices, sorted).
-
-    mode "scale": c' = alpha * c                                      (every coefficient)
-    mode "topk":  c'_i = alpha * c_i for the k largest |c_i|, else c_i (per token)
-    mode "lift":  c'_i = alpha * mean(c) for the m smallest c_i, else c_i (per token),
-                  with m = floor(p * d_ffn) resolved by the server.
-    """
-
-    layers: tuple[int, ...]
-    mode: str
-    alpha: float
-    k: int = 0  # topk only
-    m: int = 0  # lift only: number of lifted coefficients per token
-    p: float = 0.0  # lift only: the requested fraction, kept for the echo
-
-    def __post_init__(self) -> None:
-        canonical_numbers(self)
-
-    def echo(self) -> dict:
-        out: dict = {"steer": "infosteer", "mode": self.mode, "alpha": self.alpha, "layers": list(self.layers)}
-        if self.mode == "topk":
-            out["k"] = self.k
-        if self.mode == "lift":
-            out["p"] = self.p
-            out["lifted_per_token"] = self.m
-        return out
-
-
-@dataclass(frozen=True)
-class ContextAttentionPlan:
-    """User-context attention steering (PASTA-style) on chosen (layer, heads).
-
-    For every query of the request on a steered head, attention to keys outside `spans` is scaled
-    by alpha and renormalised: log(alpha) is added to those keys' attention logits. `spans` are
-    [start, end) prompt token positions (resolved by the server from the rendered prompt);
-    generated tokens are never emphasised. `heads` maps each steered layer to its global head
-    indices: ((layer, (head, ...)), ...), sorted.
-    """
-
-    alpha: float
-    heads: tuple[tuple[int, tuple[int, ...]], ...]
-    emphasis: str
-    spans: tuple[tuple[int, int], ...] = ()
-    prompt_len: int = 0  # the prompt length the spans were resolved for (0 = not resolved yet)
-    head_set: str | None = None  # the named head set the heads came from, for the echo
-
-    def __post_init__(self) -> None:
-        canonical_numbers(self)
+class _PlanMethods:
+    """The methods of `SteerPlan`, whose fields (one per registered steer, each None or that
+    steer's plan) are made from the registry below."""
 
     @property
-    def layers(self) -> tuple[int, ...]:
-        return tuple(layer for layer, _ in self.heads)
-
-    @property
-    def emphasised_tokens(self) -> int:
-        return sum(end - start for start, end in self.spans)
-
-    def echo(self) -> dict:
-        out: dict = {
-            "steer": "context_attention", "alpha": self.alpha, "emphasis": self.emphasis,
-            "layers": list(self.layers), "heads": [[layer, list(hs)] for layer, hs in self.heads],
-            "num_heads": sum(len(hs) for _, hs in self.heads),
-            "emphasised_tokens": self.emphasised_tokens, "spans": [list(s) for s in self.spans],
-        }
-        if self.head_set is not None:
-            out["head_set"] = self.head_set
-        return out
-
-
-@dataclass(frozen=True)
-class MixingPlan:
-    """TAIA parameter mixing: which weights of the tuned variant `variant` a request uses, per
-    component ("tuned" or "base"). `via` is how the engine serves it: "weights" (a fully
-    fine-tuned variant, rows routed inside the engine; `index` is its position in the engine's
-    variant list) or "lora" (vLLM multi-LoRA with the component's adapter, `adapter` its name;
-    nothing for the engine hook to do)."""
-
-    variant: str
-    attention: str
-    ffn: str
-    via: str
-    index: int = -1
-    adapter: str | None = None
-
-    @property
-    def label(self) -> str:
-        if self.attention == "tuned" and self.ffn == "base":
-            return "taia"
-        if self.attention == "tuned" and self.ffn == "tuned":
-            return "tuned"
-        if self.attention == "base" and self.ffn == "base":
-            return "base"
-        return "ffn-only"
-
-    @property
-    def routes(self) -> bool:
-        """Whether the engine routes rows for it (weights-served, at least one tuned component)."""
-        return self.via == "weights" and "tuned" in (self.attention, self.ffn)
-
-    def echo(self) -> dict:
-        out = {"steer": "mixing", "variant": self.variant, "attention": self.attention, "ffn": self.ffn,
-               "mode": self.label, "served_by": "multi-LoRA adapter" if self.via == "lora" else "routed weights"}
-        if self.adapter:
-            out["adapter"] = self.adapter
-        return out
-
-
-@dataclass(frozen=True)
-class ProxyPlan:
-    """Proxy tuning: next-token logits = base + alpha * (expert - anti_expert) with the server's
-    proxy pair `pair`. With alpha 0 the engine runs no expert for the request: plain base output."""
-
-    pair: str
-    alpha: float
-
-    def __post_init__(self) -> None:
-        canonical_numbers(self)
-
-    def echo(self) -> dict:
-        return {"steer": "proxy", "pair": self.pair, "alpha": self.alpha}
-
-
-@dataclass(frozen=True)
-class SteerPlan:
-    infosteer: InfoSteerPlan | None = None
-    context_attention: ContextAttentionPlan | None = None
-    mixing: MixingPlan | None = None
-    context_indicator: str | None = None  # the indicator text appended to user turns (echo only)
-    proxy: ProxyPlan | None = None
+    def steers(self) -> dict:
+        """name -> plan of the applied steers, in registry order."""
+        return {s.name: getattr(self, s.name) for s in STEERS if getattr(self, s.name) is not None}
 
     @property
     def is_empty(self) -> bool:
-        return self.infosteer is None and self.context_attention is None and self.mixing is None \
-            and self.context_indicator is None and self.proxy is None
+        return not self.steers
+
+    @property
+    def salts_cache(self) -> bool:
+        """Whether any applied steer changes the KV a prompt produces (the prefix cache is salted)."""
+        return any(BY_NAME[name].salts_cache for name in self.steers)
 
     def to_json(self) -> str:
         body = {k: v for k, v in asdict(self).items() if v is not None}
@@ -183,16 +62,21 @@ class SteerPlan:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def applied(self) -> list[dict]:
-        out = [p.echo() for p in (self.infosteer, self.context_attention, self.mixing, self.proxy) if p is not None]
-        if self.context_indicator is not None:
-            out.append({"steer": "context_indicator", "text": self.context_indicator})
-        return out
+        return [BY_NAME[name].echo(plan) for name, plan in self.steers.items()]
 
     def echo(self) -> dict:
         """The `steer` object returned to the client."""
         if self.is_empty:
             return {"applied": [], "fingerprint": None, "note": "no steering applied (empty or neutral)"}
         return {"applied": self.applied(), "fingerprint": self.fingerprint()}
+
+
+SteerPlan = make_dataclass(
+    "SteerPlan", [(s.name, "object", field(default=None)) for s in STEERS], bases=(_PlanMethods,), frozen=True,
+)
+SteerPlan.__module__ = __name__
+SteerPlan.__doc__ = ("A request's normalised steering: one field per registered steer (patches/steers), "
+                     "None or that steer's plan.")
 
 
 def _plan_key() -> bytes | None:
@@ -249,21 +133,8 @@ def plan_from_engine_args(extra: dict) -> SteerPlan | None:
 def parse_plan(text: str) -> SteerPlan:
     """Inverse of `SteerPlan.to_json`; cached, so each request's plan is parsed once per worker."""
     body = json.loads(text)
-    info = body.get("infosteer")
-    if info is not None:
-        info = InfoSteerPlan(**{**info, "layers": tuple(info["layers"])})
-    ctx = body.get("context_attention")
-    if ctx is not None:
-        ctx = ContextAttentionPlan(**{
-            **ctx,
-            "heads": tuple((int(layer), tuple(hs)) for layer, hs in ctx["heads"]),
-            "spans": tuple((int(a), int(b)) for a, b in ctx["spans"]),
-        })
-    mixing = body.get("mixing")
-    if mixing is not None:
-        mixing = MixingPlan(**mixing)
-    proxy = body.get("proxy")
-    if proxy is not None:
-        proxy = ProxyPlan(**proxy)
-    return SteerPlan(infosteer=info, context_attention=ctx, mixing=mixing,
-                     context_indicator=body.get("context_indicator"), proxy=proxy)
+    unknown = set(body) - set(BY_NAME)
+    if unknown:
+        raise ValueError(f"unknown steers in plan: {sorted(unknown)}")
+    return SteerPlan(**{name: BY_NAME[name].plan_from_json(value) for name, value in body.items()
+                        if value is not None})

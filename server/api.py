@@ -10,12 +10,13 @@ response gets the `steer` echo (on the first chunk when streaming). Runs in the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from argparse import Namespace
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 
@@ -25,15 +26,15 @@ from starlette.datastructures import State
 
 from steerserve.patches.plan import EXTRA_ARGS_KEY, SIGNATURE_KEY, SteerPlan, engine_args
 
-from steerserve.training.indicator import apply_indicator
+from steerserve.patches.steers import BY_NAME, ServingContext
+from steerserve.patches.steers.base import RenderedPrompt
 
-from . import auth, family, feedback, limits, metrics, spans
+from . import auth, family, feedback, limits, metrics
 from .experiments import UNIT_HEADER, resolve_experiment
-from .profiles import load_for_server
 from .schema import SteerError, normalise, resolve_profile
 from steerserve.patches.vllm_adapter import (
-    engine_input_text, http_surface, intercept_renders, model_info_from_engine, refused_by_vllm_bug, render_chat_text,
-    renderer_tokenizer, served_models_listing,
+    engine_input_text, http_surface, intercept_renders, refused_by_vllm_bug, render_chat_text, renderer_tokenizer,
+    served_models_listing,
 )
 
 _vllm = http_surface()
@@ -67,17 +68,29 @@ def bad_request(field: str | None, message: str) -> JSONResponse:
 
 
 @dataclass
-class SpanJob:
-    """A context-attention plan waiting for its emphasised spans, resolved when vLLM renders the
-    prompt (`_render_hook`). `marked`: chat: message index -> marked character ranges of its
-    content; completions: the marked character ranges of the prompt."""
+class RenderJob:
+    """Steers waiting for the rendered prompt (`pending`: steer name -> its state from
+    `prepare_request`), completed by `_render_hook` when vLLM renders `request`'s prompt."""
 
+    request: object
     plan: SteerPlan
-    marked: dict | list
+    pending: dict
     resolved: SteerPlan | None = None
 
 
-_pending: dict[int, SpanJob] = {}  # id(parsed request) -> job, between take_plan and the render
+# The render job of the request being handled in this task (request-scoped: set around vLLM's
+# handler by `rendering`; concurrent requests and comparison arms each run in their own task).
+_RENDER_JOB: ContextVar[RenderJob | None] = ContextVar("steerserve_render_job", default=None)
+
+
+@contextlib.contextmanager
+def rendering(applied: Applied | None):
+    """Make `applied`'s render job visible to `_render_hook` while vLLM's handler runs."""
+    token = _RENDER_JOB.set(applied.render if applied is not None else None)
+    try:
+        yield
+    finally:
+        _RENDER_JOB.reset(token)
 
 
 @dataclass(frozen=True)
@@ -87,14 +100,14 @@ class Applied:
     plan: SteerPlan
     profile: str | None = None
     experiment: tuple[str, str] | None = None  # (experiment, arm)
-    spans: SpanJob | None = None
+    render: RenderJob | None = None
     unit: str | None = None  # the experiment unit key
     response_model: str | None = None  # the `model` the client asked for, when vLLM served another name
 
     @property
     def effective_plan(self) -> SteerPlan:
-        """The plan the engine got (with resolved spans once the prompt was rendered)."""
-        return self.spans.resolved if self.spans is not None and self.spans.resolved is not None else self.plan
+        """The plan the engine got (completed on the rendered prompt, e.g. with resolved spans)."""
+        return self.render.resolved if self.render is not None and self.render.resolved is not None else self.plan
 
     def echo(self) -> dict:
         echo = self.effective_plan.echo()
@@ -105,40 +118,11 @@ class Applied:
         return echo
 
 
-def _prepare_spans(request, plan: SteerPlan, endpoint: str) -> SpanJob:
-    """Strip emphasis markers off the request's text (mode "marked") and register the span job
-    that `_render_hook` completes. Mutates `request.messages` / `request.prompt`."""
-    mode = plan.context_attention.emphasis
-    if endpoint == "completions":
-        prompt = request.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise SteerError("prompt", "context-attention steering on /v1/completions needs a single text prompt")
-        clean, marked = spans.strip_markers(prompt, "prompt")
-        if not marked:
-            raise SteerError(spans.FIELD, f'"marked" needs text wrapped in {spans.MARK_OPEN} ... '
-                                          f"{spans.MARK_CLOSE}; none found in the prompt")
-        request.prompt = clean
-    else:
-        marked = {}
-        if mode == "marked":
-            stripped = spans.strip_message_markers(list(request.messages))
-            if not stripped.marked:
-                raise SteerError(spans.FIELD, f'"marked" needs text wrapped in {spans.MARK_OPEN} ... '
-                                              f"{spans.MARK_CLOSE}; none found in the messages")
-            request.messages = stripped.messages
-            marked = stripped.marked
-    job = SpanJob(plan, marked)
-    _pending[id(request)] = job
-    return job
-
-
 def apply_steer(request, raw: object, state: State, unit: str | None = None, endpoint: str = "chat") -> Applied:
     """Resolve the experiment arm (by `unit`) and profile of a raw `steer` value, validate it
-    against the served model, and put the plan on a parsed vLLM request (mutates
-    `request.vllm_xargs` and `request.cache_salt`; with context attention also the text, see
-    `_prepare_spans`). Raises SteerError naming the field."""
+    against the served model, let each applied steer prepare the request (`Steer.prepare_request`)
+    and put the plan on it (mutates `request.vllm_xargs` and `request.cache_salt`, and what the
+    steers' preparation changes). Raises SteerError naming the field."""
     if limits.depth_exceeds(raw, limits.MAX_STEER_DEPTH):
         raise SteerError("steer", f"nested deeper than {limits.MAX_STEER_DEPTH} levels (the deepest valid steer "
                                   "object has 4)")
@@ -147,71 +131,62 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
     raw, profile = resolve_profile(raw, config.profiles)
     requested_model = getattr(request, "model", None)
     plan = normalise(raw, state.steerserve_model_info, config.head_sets, endpoint, model=requested_model)
-    response_model = None
-    if plan.mixing is not None:
-        served = family.current().served_name(plan.mixing)
-        if served and served != requested_model:
-            request.model = served  # the name vLLM serves the mix under (a LoRA adapter or the base)
-            response_model = requested_model or plan.mixing.variant
-    if plan.context_indicator is not None:
-        request.messages = apply_indicator(list(request.messages), plan.context_indicator)
-    job = None
-    if plan.context_attention is not None:
-        try:
-            job = _prepare_spans(request, plan, endpoint)
-        except spans.SpanError as err:
-            raise SteerError(err.field, err.message) from None
+    ctx = ServingContext(state.steerserve_model_info, config.head_sets, endpoint, requested_model, family.current())
+    pending, response_model = {}, None
+    for name, steer_plan in plan.steers.items():
+        prepared = BY_NAME[name].prepare_request(request, steer_plan, ctx)
+        if prepared is not None:
+            if prepared.pending is not None:
+                pending[name] = prepared.pending
+            response_model = prepared.response_model or response_model
     if not plan.is_empty:
         request.vllm_xargs = {**(request.vllm_xargs or {}), **engine_args(plan)}
+    if plan.salts_cache:
         # Steering changes the KV a prompt produces: salt the prefix cache with the plan, so a
         # steered request never reuses KV computed under another plan (and repeats reuse theirs).
         salt = f"steer:{plan.fingerprint()}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-    return Applied(plan, profile, experiment, job, unit if experiment else None, response_model)
+    render = RenderJob(request, plan, pending) if pending else None
+    return Applied(plan, profile, experiment, render, unit if experiment else None, response_model)
 
 
 async def _render_hook(kind: str, serving, request, result):
-    """Complete a pending span job on the prompt vLLM just rendered: find the emphasised tokens, put
-    the resolved plan on the request (read next by vLLM's `to_sampling_params`), and salt the
-    prefix cache with the spans where they are not a function of the prompt prefix alone."""
-    job = _pending.pop(id(request), None)
-    if job is None or isinstance(result, ErrorResponse):
+    """Complete the pending steers of the request being rendered (`Steer.on_render`) on the prompt
+    vLLM just rendered, and put the completed plan on the request (read next by vLLM's
+    `to_sampling_params`). The prefix cache needs no extra salt for what is completed here (e.g.
+    emphasised spans): the engine hashes each KV block with the emphasis of its own tokens
+    (patches/prefix_cache.py), so a block is reused only under the same plan and emphasis."""
+    job = _RENDER_JOB.get()
+    if job is None or job.request is not request or job.resolved is not None or isinstance(result, ErrorResponse):
         return result
-    ctx = job.plan.context_attention
+    field = "prompt"
     try:
         inputs = result[1] if kind == "chat" else result
         if len(inputs) != 1:
-            raise spans.SpanError("prompt", "context-attention steering needs exactly one prompt per request")
+            raise SteerError("prompt", "steering that depends on the rendered prompt (context attention) needs "
+                                       "exactly one prompt per request")
         engine_input = inputs[0]
-        ids = list(engine_input["prompt_token_ids"])
-        tokenizer = renderer_tokenizer(serving)
-        if kind == "chat":
-            text = engine_input_text(engine_input)
-            if text is None:
-                raise spans.SpanError(spans.FIELD, "the rendered prompt text is unavailable")
-            sentinel = request.model_copy(update={"messages": spans.sentinel_messages(list(request.messages))})
-            _, sentinel_text, _ = await render_chat_text(serving, sentinel)
-            found = spans.rendered_chat_spans(ctx.emphasis, tokenizer, text, sentinel_text, result[0], job.marked, ids)
-        else:
-            found = spans.resolve(ctx.emphasis, tokenizer, request.prompt, ids, job.marked)
-    except (spans.SpanError, ValueError) as err:
-        field = getattr(err, "field", spans.FIELD)
-        metrics.count_rejected(field)
-        return error_response(field, f"invalid steering: {field}: {getattr(err, 'message', str(err))}")
-    except Exception as err:  # noqa: BLE001 - a bug here must not become a 500 or reach the engine
-        logger.exception("steerserve: resolving emphasis spans failed")
-        field = spans.FIELD
-        metrics.count_rejected(field)
-        return error_response(field, f"could not resolve the emphasised spans of this request ({type(err).__name__}); "
-                             "the request was not run")
-    from dataclasses import replace
 
-    resolved = replace(job.plan, context_attention=replace(ctx, spans=found, prompt_len=len(ids)))
-    job.resolved = resolved
-    request.vllm_xargs = {**(request.vllm_xargs or {}), **engine_args(resolved)}
-    # The prefix cache needs no salt for the spans: the engine hashes each KV block with the
-    # emphasis of its own tokens (patches/prefix_cache.py), so a block is reused only under the
-    # same plan and the same emphasis of every token up to it, whatever the spans came from.
+        async def render_messages(messages: list) -> str:
+            return (await render_chat_text(serving, request.model_copy(update={"messages": messages})))[1]
+
+        prompt = RenderedPrompt(kind, list(engine_input["prompt_token_ids"]), engine_input_text(engine_input),
+                                renderer_tokenizer(serving), result[0] if kind == "chat" else None, request,
+                                render_messages if kind == "chat" else None)
+        plan = job.plan
+        for name, pending in job.pending.items():
+            field = f"steer.{name}"
+            plan = replace(plan, **{name: await BY_NAME[name].on_render(getattr(plan, name), pending, prompt)})
+    except SteerError as err:
+        metrics.count_rejected(err.field)
+        return error_response(err.field, f"invalid steering: {err.field}: {err.message}")
+    except Exception as err:  # noqa: BLE001 - a bug here must not become a 500 or reach the engine
+        logger.exception("steerserve: completing the steering plan on the rendered prompt failed")
+        metrics.count_rejected(field)
+        return error_response(field, f"could not complete the steering of this request on its rendered prompt "
+                                     f"({type(err).__name__}); the request was not run")
+    job.resolved = plan
+    request.vllm_xargs = {**(request.vllm_xargs or {}), **engine_args(plan)}
     return result
 
 
@@ -290,10 +265,8 @@ async def _steered(endpoint: str, stock_handler, request, raw_request: Request):
         return error
     metrics.count_request(endpoint, applied.plan if applied else None)
     started = time.perf_counter()
-    try:
+    with rendering(applied):
         response = with_echo(await stock_handler(request, raw_request), applied)
-    finally:
-        _pending.pop(id(request), None)  # vLLM refused the request before rendering it
     experiment = applied.experiment if applied else None
     response = feedback.record(response, raw_request.app.state.steerserve_feedback, experiment,
                                applied.unit if applied else None)
@@ -373,15 +346,6 @@ async def list_head_sets(raw_request: Request):
     ]}
 
 
-def feedback_db_path():
-    """$STEERSERVE_FEEDBACK_DB (set by `steerserve serve --feedback-db`), else under $STEERSERVE_HOME."""
-    import os
-
-    from .model_store import cache_root
-
-    return os.environ.get(feedback.FEEDBACK_DB_ENV) or str(cache_root() / "ab-feedback.sqlite3")
-
-
 # request bodies of vLLM's routes that accept `steer` (OpenAPI component names)
 STEERABLE_REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest")
 
@@ -424,43 +388,3 @@ def document_steer_in_openapi(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi
-
-
-_served_engine: list = []  # the engine client this process serves (set at start-up)
-
-
-def engine_died() -> bool:
-    """Whether the engine this API process served died (read after the server stopped)."""
-    from steerserve.patches.vllm_adapter import engine_dead
-
-    return any(engine_dead(client) for client in _served_engine)
-
-
-class SteerEndpointPlugin:
-    """vLLM endpoint plugin: replaces the generation routes, records the served model's shape."""
-
-    name = "steerserve_api"
-    required_tasks = ("generate",)
-
-    def attach_router(self, app: FastAPI) -> None:
-        from .compare import router as compare_router
-
-        # outermost last: the key is checked before a body is read; error bodies are capped
-        app.add_middleware(limits.RequestGuard)
-        app.add_middleware(limits.ErrorCap)
-        app.add_middleware(auth.DefaultDeny)
-        document_steer_in_openapi(app)
-        app.include_router(router)
-        app.include_router(compare_router)
-        app.include_router(feedback.router)
-
-    async def init_state(self, engine_client, state: State, args: Namespace) -> None:
-        if engine_client is None:
-            raise RuntimeError("steerserve needs an engine; the render-only server is not supported")
-        _served_engine.append(engine_client)
-        state.steerserve_model_info = model_info_from_engine(engine_client)
-        state.steerserve_config = load_for_server(state.steerserve_model_info)
-        state.steerserve_feedback = feedback.FeedbackStore(feedback_db_path())
-        logger.info("steerserve: serving %s with %d steering profile(s), %d experiment(s)",
-                    state.steerserve_model_info, len(state.steerserve_config.profiles),
-                    len(state.steerserve_config.experiments))

@@ -253,8 +253,6 @@ def set_request_limits(args: argparse.Namespace) -> None:
     defaults (a flag wins over a variable the user set; the variable over the default)."""
     from steerserve.server import limits
 
-    from steerserve.patches.vllm_adapter import HEADER_TIMEOUT_ENV
-
     for flag, value in (("--max-request-bytes", args.max_request_bytes), ("--max-n", args.max_n),
                         ("--max-prompts", args.max_prompts)):
         if value is not None and value < 1:
@@ -264,7 +262,6 @@ def set_request_limits(args: argparse.Namespace) -> None:
     if args.header_timeout is not None:
         if not 0 <= args.header_timeout <= 3600:
             raise SystemExit("steerserve serve: --header-timeout must be in [0, 3600] seconds (0: off)")
-        os.environ[HEADER_TIMEOUT_ENV] = str(args.header_timeout)
     if args.body_timeout is not None:
         if not 0 < args.body_timeout <= 3600:
             raise SystemExit("steerserve serve: --body-timeout must be in (0, 3600] seconds")
@@ -399,10 +396,11 @@ def serve(args: argparse.Namespace) -> None:
     argv = vllm_argv(args, model) + variant_argv
     print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",
           file=sys.stderr, flush=True)
-    from steerserve.patches.vllm_adapter import run_openai_server
+    from steerserve.patches.vllm_adapter import DEFAULT_HEADER_TIMEOUT, run_openai_server
 
-    run_openai_server(argv)
-    from steerserve.server.api import engine_died
+    header_timeout = DEFAULT_HEADER_TIMEOUT if args.header_timeout is None else args.header_timeout
+    run_openai_server(argv, header_timeout, on_load=auth.install_log_redaction)
+    from steerserve.server.plugin import engine_died
 
     if engine_died():
         # vLLM stops the API server cleanly when its engine dies; exit non-zero so that any

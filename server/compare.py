@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steerserve.patches.vllm_adapter import http_surface
 
-from .api import STEER_FIELD, _pending, bad_request, take_plan
+from .api import STEER_FIELD, bad_request, rendering, take_plan
 
 MAX_ARMS = 8
 _vllm = http_surface()
@@ -99,16 +99,13 @@ async def compare(raw_request: Request):
         return StreamingResponse(_stream_arms(handler, arms, requests, applied, raw_request),
                                  media_type="text/event-stream")
 
-    async def run(request):
+    async def run(request, arm_applied):
         t0 = time.perf_counter()
-        result = await handler.create_chat_completion(request, raw_request)
+        with rendering(arm_applied):
+            result = await handler.create_chat_completion(request, raw_request)
         return result, (time.perf_counter() - t0) * 1000
 
-    try:
-        results = await asyncio.gather(*(run(r) for r in requests))
-    finally:
-        for r in requests:
-            _pending.pop(id(r), None)
+    results = await asyncio.gather(*(run(r, a) for r, a in zip(requests, applied)))
     out = []
     first_tokens: list[int] | None = None
     for arm, arm_applied, (result, latency_ms) in zip(arms, applied, results):
@@ -152,7 +149,8 @@ async def _stream_arms(handler, arms, requests, applied, raw_request):
 
     async def pump(i: int, request) -> None:
         try:
-            result = await handler.create_chat_completion(request, raw_request)
+            with rendering(applied[i]):
+                result = await handler.create_chat_completion(request, raw_request)
             if not hasattr(result, "__aiter__"):  # an ErrorResponse
                 await queue.put((i, "error", result.model_dump()["error"]))
                 return
@@ -213,5 +211,3 @@ async def _stream_arms(handler, arms, requests, applied, raw_request):
     finally:
         for task in tasks:
             task.cancel()
-        for r in requests:
-            _pending.pop(id(r), None)

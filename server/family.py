@@ -34,7 +34,9 @@ from pathlib import Path
 
 from steerserve.patches.mixing import VARIANTS_ENV
 from steerserve.patches.plan import MixingPlan, ProxyPlan
-from steerserve.patches.proxy import ALPHA_MAX, ALPHA_MIN, PAIRS_ENV
+from steerserve.patches.proxy import PAIRS_ENV
+from steerserve.patches.steers.base import SteerError
+from steerserve.patches.steers.proxy import ALPHA_MAX, ALPHA_MIN
 
 from .limits import ECHO_CAP, shown
 
@@ -52,13 +54,8 @@ class FamilyError(ValueError):
     """A variant declaration the server cannot start with."""
 
 
-class MixingError(ValueError):
+class MixingError(SteerError):
     """A `steer.mixing` or `steer.proxy` value the family cannot serve (a 400 naming `field`)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass

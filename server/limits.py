@@ -20,6 +20,8 @@ import json
 import os
 import re
 
+from steerserve.patches.steers.base import ECHO_CAP, shown  # noqa: F401  (re-exported)
+
 MAX_REQUEST_BYTES_ENV = "STEERSERVE_MAX_REQUEST_BYTES"
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # 4 MiB: ~100x the longest prompt a 4096-token context holds
 DEFAULT_MAX_N = 16  # completions per request (vLLM's own default cap is 16384)
@@ -67,16 +69,7 @@ def depth_exceeds(value: object, limit: int) -> bool:
 
 # ------------------------------------------------------------------ echoed values in error messages
 
-ECHO_CAP = 200  # characters of a client's value an error message repeats
 ERROR_STRING_CAP = 1024  # any string in an error body (vLLM's own messages included) is cut to this
-
-
-def shown(value: object, cap: int = ECHO_CAP) -> str:
-    """`repr(value)` for an error message, cut to `cap` characters (a 1 MB name is not echoed back)."""
-    text = repr(value)
-    if len(text) <= cap:
-        return text
-    return f"{text[:cap]}... ({len(text)} characters)"
 
 
 def _cap_strings(value: object, cap: int) -> object:

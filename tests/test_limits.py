@@ -274,7 +274,8 @@ def test_rejected_field_labels_are_a_closed_set():
 
     assert field_label("steer.infosteer.alpha") == "steer.infosteer.alpha"
     assert field_label("steer.context_attention.heads[3]") == "steer.context_attention.heads"
-    assert field_label("steer.mixing.variant") == "steer.mixing"
+    assert field_label("steer.mixing.variant") == "steer.mixing.variant"
+    assert field_label("steer.proxy.weight") == "steer.proxy"
     assert field_label("messages[2].content") == "messages.content"
     for hostile in ("steer." + "k" * 10**6, "steer.unknown", "steer.infosteer" + "[0]" * 3 + "x" * 300, "", None):
         assert field_label(hostile) in (OTHER, "steer.infosteer"), hostile

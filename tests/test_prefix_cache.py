@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from steerserve.patches.plan import engine_args
-from steerserve.server import spans
+from steerserve.patches.steers.context_attention import spans
 from steerserve.server.schema import ModelInfo, normalise
 
 INFO = ModelInfo("SteerableLlamaForCausalLM", 30, 1536, True, num_heads=9, attention_steerable=True)

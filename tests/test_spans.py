@@ -2,7 +2,7 @@
 
 import pytest
 
-from steerserve.server import spans
+from steerserve.patches.steers.context_attention import spans
 from steerserve.server.schema import ModelInfo, SteerError, normalise
 
 INFO = ModelInfo("SteerableLlamaForCausalLM", 30, 1536, True, num_heads=9, attention_steerable=True)

@@ -111,7 +111,7 @@ def test_endpoint_plugin_and_launcher_surface():
     from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from steerserve.server.api import SteerEndpointPlugin
+    from steerserve.server.plugin import SteerEndpointPlugin
 
     assert isinstance(SteerEndpointPlugin(), EndpointPlugin)
     assert inspect.iscoroutinefunction(run_server) and callable(load_endpoint_plugins)

