@@ -53,7 +53,7 @@ _RESPONSES = {
 }
 _STEER_DOC = (
     "steerserve: pass steering as the extra body field `steer` (OpenAI SDK: "
-    '`extra_body={"steer": {...}}`); see the README for the contract. The response carries a '
+    '`extra_body={"steer": {...}}`); see docs/steering.md for the contract. The response carries a '
     "`steer` echo (first chunk when streaming) when the request had a `steer` field."
 )
 
@@ -373,7 +373,7 @@ def document_steer_in_openapi(app: FastAPI) -> None:
             if name in components:
                 components[name].setdefault("properties", {})["steer"] = {
                     "anyOf": [{"$ref": "#/components/schemas/SteerSpec"}, {"type": "null"}],
-                    "description": "steerserve: per-request steering (README, The steering contract)"}
+                    "description": "steerserve: per-request steering (docs/steering.md)"}
         if os.environ.get(auth.API_KEY_ENV):
             # the key requirement, per operation (API clients and fuzzers check it: schemathesis'
             # `ignored_auth` sends each operation without and with a wrong key)

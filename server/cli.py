@@ -36,7 +36,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "and never logged; a key in the query string is refused and redacted from the access log")
     p.add_argument("--public-routes", default=None, metavar="LIST",
                    help="with an API key, the routes that stay open besides /health and /ping: a comma-separated "
-                        "subset of metrics,playground, or none (default: metrics,playground; see README, Security)")
+                        "subset of metrics,playground, or none (default: metrics,playground; see docs/reliability.md, Authentication)")
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
                    help="KV cache size in GiB (default 2); 0 leaves it to vLLM's memory fraction, e.g. on a GPU "
                         "--kv-cache-gb 0 --vllm-arg=--gpu-memory-utilization=0.9")
@@ -56,7 +56,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="disable prefix caching (on by default; steering salts the cache key)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="server config file (YAML or JSON) with steering `profiles` and A/B `experiments`; "
-                        "validated against the model before start-up (see README, Profiles)")
+                        "validated against the model before start-up (see docs/ab-testing.md)")
     p.add_argument("--head-set", action="append", default=[], metavar="[NAME=]FILE",
                    help="load a head set for context-attention steering (repeatable; a file written by "
                         "`steerserve heads profile`; NAME defaults to the file's name). A set named `default` "
@@ -84,11 +84,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     par.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
                      help="how ranks are started: mp (processes on this machine, vLLM's default on one node) "
                           "or ray (a Ray cluster, needed to span machines: start Ray on every node first, "
-                          "see README, Deployment)")
+                          "see docs/deployment.md)")
     p.add_argument("--feedback-db", default=None, metavar="FILE",
                    help="SQLite file for A/B experiment responses and feedback (default "
                         "$STEERSERVE_HOME/ab-feedback.sqlite3, i.e. ~/.cache/steerserve/ab-feedback.sqlite3)")
-    lim = p.add_argument_group("per-request limits (README, Limits)")
+    lim = p.add_argument_group("per-request limits (docs/reliability.md, Limits)")
     lim.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
                      help="largest request body accepted; larger ones get HTTP 413 before they are read "
                           "(default 4194304, 4 MiB)")
@@ -106,7 +106,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                           "VLLM_MAX_COMPLETION_PROMPTS when set)")
     p.add_argument("--enable-responses-api", action="store_true",
                    help="also serve vLLM's /v1/responses routes (off by default: steering does not apply there, "
-                        "and vLLM 0.32 answers 500 to some inputs, see README, Limits)")
+                        "and vLLM 0.32 answers 500 to some inputs, see docs/reliability.md, Limits)")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="pass one more argument to vLLM's server verbatim (repeatable), "
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
@@ -134,7 +134,7 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
         argv.append("--enforce-eager")
     else:
         # compiled, but no CUDA graphs: a replayed graph would not run the steering op's Python
-        # body, so steering would silently stop (see README, GPU). No effect on the CPU build.
+        # body, so steering would silently stop (see docs/gpu.md). No effect on the CPU build.
         argv.append("-cc.cudagraph_mode=NONE")
     if args.max_num_seqs:
         argv += ["--max-num-seqs", str(args.max_num_seqs)]

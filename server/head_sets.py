@@ -20,7 +20,7 @@ from pathlib import Path
 from .schema import ModelInfo, SteerError, check_head_pairs
 
 HEAD_SETS_ENV = "STEERSERVE_HEAD_SETS"  # JSON {name: path}, set by `steerserve serve --head-set`
-# the embedded model's profiled head set (see README, "Context attention"), loaded as "default"
+# the embedded model's profiled head set (see docs/steering.md, "Context attention"), loaded as "default"
 EMBEDDED_DEFAULT = Path(__file__).parent / "data" / "smollm2-135m-instruct.heads.json"
 
 

@@ -1,4 +1,4 @@
-"""Per-request caps: what one request may ask of the server (README, "Limits").
+"""Per-request caps: what one request may ask of the server (docs/reliability.md, "Limits").
 
 Enforced where they are cheapest, each refused with a 4xx naming what was too large:
 - body size, body read time, body nesting, steering sent to a route that does not steer:

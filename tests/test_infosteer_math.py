@@ -1,4 +1,4 @@
-"""The InfoSteer formulas against naive per-token loops written straight from the README."""
+"""The InfoSteer formulas against naive per-token loops written straight from docs/steering.md."""
 
 import pytest
 import torch

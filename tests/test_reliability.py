@@ -4,7 +4,7 @@ clients cut off, steering refused where it cannot apply, capped error bodies, pr
 of emphasis spans, a schemathesis fuzz of every route of /openapi.json (the `steer` object and the
 key requirement included), 64 concurrent streaming clients with a quarter hanging up, and the
 engine process killed under load. The long variants are commands: `steerserve loadtest` against
-any server, and the fuzz with more examples (README, Reliability)."""
+any server, and the fuzz with more examples (docs/reliability.md)."""
 
 from __future__ import annotations
 

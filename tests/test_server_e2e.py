@@ -561,3 +561,40 @@ def test_offline_ab_eval_command(server, tmp_path):
          "--arm", "a=none", "--arm", 'b={"infosteer": {"alpha": 99}}', "--out-dir", str(tmp_path / "x")],
         capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "steer.infosteer.alpha" in bad.stderr
+
+
+def _readme_blocks(language: str) -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def test_readme_examples_run_as_written(server):
+    """The README's Python tour and shell examples, run against this server (only the address, the
+    key and the served name substituted): they finish, steer and echo."""
+    import json
+    import shlex
+
+    host = server.removeprefix("http://")
+    env = {**os.environ, "STEERSERVE_API_KEY": API_KEY, "STEERSERVE_URL": f"{server}/v1"}
+    (python,) = [b for b in _readme_blocks("python") if "OpenAI(" in b]
+    code = python.replace("http://127.0.0.1:8000", server).replace("SmolLM2-135M-Instruct", MODEL)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert "'steer': 'infosteer'" in out.stdout and lines[-1].startswith("[[")  # the echo, then emphasised spans
+    shell = next(b for b in _readme_blocks("bash") if "steerserve chat" in b and "curl" in b)
+    chat_line, curl = shell.split("\n", 1)
+    argv = shlex.split(chat_line)
+    assert argv[0] == "steerserve"
+    assert "--max-tokens" in argv
+    out = subprocess.run([str(Path(sys.executable).parent / "steerserve"), *argv[1:]],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and "infosteer" in out.stdout, out.stdout + out.stderr
+    curl = curl.replace("127.0.0.1:8000", host).replace("SmolLM2-135M-Instruct", MODEL).replace(
+        "curl -s ", f"curl -s -H 'Authorization: Bearer {API_KEY}' ", 1)
+    out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
+    body = json.loads(out.stdout)
+    assert body["steer"]["applied"][0]["mode"] == "topk" and body["choices"][0]["text"], out.stdout[:500]

@@ -1,4 +1,4 @@
-"""Context attention steering: PASTA-style emphasis of the user's context (README, "Context
+"""Context attention steering: PASTA-style emphasis of the user's context (docs/steering.md, "Context
 attention"). Request side: the wire schema, the plan and its normalisation. The emphasised spans
 are resolved on the rendered prompt (`spans.py` here, driven by `prepare_request` and `on_render`);
 the engine pass is `patches/context_attention.py`."""
@@ -14,7 +14,7 @@ from ..base import ModelInfo, Prepared, RenderedPrompt, ServingContext, Steer, S
 from . import spans
 from ..layers import MAX_LAYER_LIST, resolve_layers
 
-# Defaults measured with `steerserve eval-context` on the embedded model (README, "Context
+# Defaults measured with `steerserve eval-context` on the embedded model (docs/steering.md, "Context
 # attention: evaluation"): on all heads, alpha 0.7 already cost 4-5 points on SQuAD and DROP, 0.9
 # did not; on a profiled head set, 0.7 stayed within noise of unsteered.
 CONTEXT_ALPHA_HEAD_SET = 0.7
@@ -24,7 +24,7 @@ DEFAULT_HEAD_SET = "default"
 
 
 class ContextAttentionSpec(BaseModel):
-    """`steer.context_attention`: user-context attention steering (see README, "Context attention")."""
+    """`steer.context_attention`: user-context attention steering (see docs/steering.md, "Context attention")."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -198,7 +198,7 @@ class ContextAttention(Steer):
         return Prepared(pending=marked)
 
     async def on_render(self, plan: ContextAttentionPlan, marked: Any, prompt: RenderedPrompt) -> ContextAttentionPlan:
-        """The emphasised token spans of the rendered prompt (README, "How spans are found")."""
+        """The emphasised token spans of the rendered prompt (docs/steering.md, "How spans are found")."""
         ids = prompt.token_ids
         try:
             if prompt.kind == "chat":

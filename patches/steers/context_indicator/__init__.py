@@ -1,5 +1,5 @@
 """The context-dependency indicator: the text a model was trained to see after context-dependent
-user turns, appended to every user message (README, "Model families"). Its plan is that text; the
+user turns, appended to every user message (docs/families.md). Its plan is that text; the
 server appends it to the messages before rendering."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""InfoSteer: FFN memory amplification (README, "InfoSteer formulas"). Request side: the wire
+"""InfoSteer: FFN memory amplification (docs/steering.md, "InfoSteer formulas"). Request side: the wire
 schema, the plan and its normalisation. The math is `patches/infosteer.py`."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def lift_count(p: float, d_ffn: int) -> int:
 
 
 class InfoSteerSpec(BaseModel):
-    """`steer.infosteer`: FFN memory amplification (see README, "InfoSteer formulas")."""
+    """`steer.infosteer`: FFN memory amplification (see docs/steering.md, "InfoSteer formulas")."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

@@ -1,4 +1,4 @@
-"""TAIA parameter mixing with a tuned variant (README, "Model families and TAIA mixing"). Request
+"""TAIA parameter mixing with a tuned variant (docs/families.md). Request
 side: the wire schema, the plan and its normalisation, which asks the served family
 (`server/family.py`) what the variant is and how it is served. The engine's row routing is
 `patches/mixing.py`."""

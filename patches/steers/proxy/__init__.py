@@ -1,5 +1,5 @@
 """Proxy tuning: next-token logits = base + alpha * (expert - anti_expert) with a pair the server
-loaded (README, "Proxy tuning"). Request side: the wire schema, the plan and its normalisation,
+loaded (docs/proxy.md). Request side: the wire schema, the plan and its normalisation,
 which asks the served family which pairs are loaded. The engine is `patches/proxy.py`."""
 
 from __future__ import annotations
