@@ -469,8 +469,9 @@ def engine_dead(engine_client: Any) -> bool:
 
 
 def refused_by_vllm_bug(request: Any) -> tuple[str, str] | None:
-    """(field, message) for a request combination vLLM 0.32 answers with a 500 error event, else
-    None. Streaming /v1/completions with `echo`, `logprobs` and `n` > 1: a choice's first chunk can
+    """(field, message) for a /v1/completions request combination vLLM 0.32 answers with a 500 error
+    event, else None (call it for completion requests only: a chat request's `logprobs` is a bool).
+    Streaming /v1/completions with `echo`, `logprobs` and `n` > 1: a choice's first chunk can
     pair the prompt's token ids with logprobs that lack the prompt's entries (`KeyError` in
     `_create_completion_logprobs`), on about every second request. `tests/test_reliability.py`
     checks that stock vLLM still fails it (through /invocations), so an upgrade that fixes it shows."""

@@ -257,7 +257,7 @@ def with_echo(response: Response | None, applied: Applied | None) -> Response | 
 
 async def _steered(endpoint: str, stock_handler, request, raw_request: Request):
     """Take the request's plan, run vLLM's own route handler, echo and count what was applied."""
-    refused = refused_by_vllm_bug(request)
+    refused = refused_by_vllm_bug(request) if endpoint == "completions" else None
     if refused is not None:
         return bad_request(*refused)
     applied, error = take_plan(request, raw_request, endpoint=endpoint)
