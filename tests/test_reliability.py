@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -385,18 +386,6 @@ def test_api_key_never_logged(server):
     assert API_KEY not in log.read_text()
 
 
-def _running_requests(base) -> float:
-    """vLLM's gauge of requests running in the engine (0 when unreadable)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        text = httpx.get(f"{base}/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return 0
-    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "vllm:num_requests_running"
-               for s in f.samples)
-
-
 def test_engine_death_fails_requests_and_health_then_exits(server):
     """Kill the engine process under load: in-flight requests end with an error (not a hang),
     /health fails at once, and the server exits non-zero so an orchestrator restarts it. (Last in
@@ -408,7 +397,9 @@ def test_engine_death_fails_requests_and_health_then_exits(server):
               or p.name().startswith("VLLM::EngineCor")]
     assert engine, [p.name() for p in psutil.Process(proc.pid).children(recursive=True)]
 
-    body = {"model": "tiny", "prompt": "Count:", "max_tokens": 240, "n": 16, "ignore_eos": True, "temperature": 1.0}
+    body = {"model": "tiny", "prompt": "Count:", "max_tokens": 250, "n": 16, "ignore_eos": True, "temperature": 1.0}
+
+    generating = threading.Event()  # set when a stream's first token arrives: every request is in flight
 
     def long_request(i):
         """Returns (HTTP status or None, whether the response completed, text)."""
@@ -416,7 +407,11 @@ def test_engine_death_fails_requests_and_health_then_exits(server):
             if i % 2:  # streaming: an error event or a cut stream, never a [DONE]
                 with httpx.stream("POST", f"{base}/v1/completions", headers=AUTH, timeout=60,
                                   json={**body, "stream": True}) as r:
-                    lines = [line for line in r.iter_lines() if line]
+                    lines = []
+                    for line in r.iter_lines():
+                        if line:
+                            lines.append(line)
+                            generating.set()
                 done = "data: [DONE]" in lines and not any('"error"' in line for line in lines)
                 return r.status_code, done, "\n".join(lines[-2:])[:300]
             r = httpx.post(f"{base}/v1/completions", headers=AUTH, timeout=60, json=body)
@@ -426,10 +421,8 @@ def test_engine_death_fails_requests_and_health_then_exits(server):
 
     with cf.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(long_request, i) for i in range(8)]
-        # kill as soon as the engine runs all eight requests (a fixed sleep raced their completion)
-        deadline = time.time() + 30
-        while time.time() < deadline and _running_requests(base) < 8:
-            time.sleep(0.02)
+        # kill once the engine generates for them (a fixed sleep raced their completion on a fast engine)
+        assert generating.wait(30), "no stream started"
         killed_at = time.time()
         for p in engine:
             p.send_signal(signal.SIGKILL)

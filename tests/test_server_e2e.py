@@ -592,7 +592,7 @@ def test_readme_examples_run_as_written(server):
     assert "--max-tokens" in argv
     out = subprocess.run([str(Path(sys.executable).parent / "steerserve"), *argv[1:]],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0 and "infosteer" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and out.stdout.strip() and "infosteer" in out.stderr, out.stdout + out.stderr
     curl = curl.replace("127.0.0.1:8000", host).replace("SmolLM2-135M-Instruct", MODEL).replace(
         "curl -s ", f"curl -s -H 'Authorization: Bearer {API_KEY}' ", 1)
     out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
