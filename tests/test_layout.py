@@ -100,3 +100,14 @@ def test_every_registered_steer_is_in_the_schema_the_plan_and_the_client():
         body = getattr(Steer(), steer.name)(**examples[steer.name]).to_dict()
         assert getattr(parse_spec(body), steer.name) is not None, steer.name
     assert set(examples) == {s.name for s in STEERS}, "add an example for the new steer here"
+
+
+def test_docs_client_example_runs():
+    """docs/steering.md's Python client example builds its steer object as written (no server)."""
+    import re
+
+    text = (ROOT / "docs" / "steering.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "Steer()" in b]
+    out = subprocess.run([sys.executable, "-c", block + "\nassert body['steer']['mixing'] == 'taia'"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
