@@ -16,7 +16,6 @@ import json
 from dataclasses import asdict, field, make_dataclass
 
 from .steers import BY_NAME, STEERS
-from .steers.base import canonical_numbers  # noqa: F401  (re-exported)
 from .steers.context_attention import ContextAttentionPlan  # noqa: F401  (re-exported)
 from .steers.infosteer import InfoSteerPlan  # noqa: F401  (re-exported)
 from .steers.mixing import MixingPlan  # noqa: F401  (re-exported)

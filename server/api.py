@@ -163,8 +163,8 @@ async def _render_hook(kind: str, serving, request, result):
     try:
         inputs = result[1] if kind == "chat" else result
         if len(inputs) != 1:
-            raise SteerError("prompt", "steering that depends on the rendered prompt (context attention) needs "
-                                       "exactly one prompt per request")
+            raise SteerError("prompt", f"steering that depends on the rendered prompt ({', '.join(job.pending)}) "
+                                       "needs exactly one prompt per request")
         engine_input = inputs[0]
 
         async def render_messages(messages: list) -> str:

@@ -92,15 +92,16 @@ class FeedbackStore:
             self._db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?)",
                              (response_id, experiment, arm, unit, time.time()))
 
+    def served(self, response_id: str) -> tuple[str, str, str | None] | None:
+        """(experiment, arm, unit key) of a recorded response."""
+        row = self._db.execute("SELECT experiment, arm, unit FROM responses WHERE response_id = ?",
+                               (response_id,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
     def response(self, response_id: str) -> tuple[str, str] | None:
         """(experiment, arm) of a recorded response."""
-        row = self._db.execute("SELECT experiment, arm FROM responses WHERE response_id = ?", (response_id,)).fetchone()
-        return (row[0], row[1]) if row else None
-
-    def unit(self, response_id: str) -> str | None:
-        """The unit key a recorded response was served to."""
-        row = self._db.execute("SELECT unit FROM responses WHERE response_id = ?", (response_id,)).fetchone()
-        return row[0] if row else None
+        served = self.served(response_id)
+        return served[:2] if served else None
 
     def add_feedback(self, response_id: str, kind: str, score: float, comment: str | None) -> None:
         with self._lock:
@@ -217,11 +218,11 @@ async def post_feedback(raw_request: Request):
         return _error(400, field, f"{field}: {msg}" if field else msg)
     if (fb.score is None) == (fb.thumbs is None):
         return _error(400, "score", 'give exactly one of "score" (a number) or "thumbs" ("up" or "down")')
-    served = store.response(fb.response_id)
+    served = store.served(fb.response_id)
     if served is None:
         return _error(404, "response_id", f"response_id {shown(fb.response_id)} was not served under an A/B experiment "
                                           "by this server (only experiment responses take feedback)")
-    unit, owner = fb.user or raw_request.headers.get(UNIT_HEADER), store.unit(fb.response_id)
+    unit, owner = fb.user or raw_request.headers.get(UNIT_HEADER), served[2]
     if owner is not None and (unit is None or not secrets.compare_digest(unit.encode(), owner.encode())):
         return _error(403, "user", "feedback on this response is accepted only from the unit it was served to: "
                                    "send the request's `user` value as `user` (or the X-Steerserve-Unit header)")

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .schema import ModelInfo, SteerError, check_head_pairs
+from steerserve.patches.steers.context_attention import check_head_pairs
+
+from .schema import ModelInfo, SteerError
 
 HEAD_SETS_ENV = "STEERSERVE_HEAD_SETS"  # JSON {name: path}, set by `steerserve serve --head-set`
 # the embedded model's profiled head set (see docs/steering.md, "Context attention"), loaded as "default"

@@ -9,8 +9,8 @@ Enforced where they are cheapest, each refused with a 4xx naming what was too la
 - `n` and the number of prompts of one /v1/completions request: vLLM's own checks, with the caps
   lowered by `steerserve serve` (`VLLM_MAX_N_SEQUENCES`, `VLLM_MAX_COMPLETION_PROMPTS`);
 - `max_tokens` (<= the context length), `top_logprobs`/`logprobs` (<= 20): vLLM's own checks;
-- the `steer` object: nesting depth (`depth_exceeds`), list lengths (schema `MAX_LAYER_LIST`,
-  `MAX_HEAD_LIST`), comparison arms (`compare.MAX_ARMS`), feedback comments (`feedback.MAX_COMMENT`).
+- the `steer` object: nesting depth (`depth_exceeds`), list lengths (`MAX_LAYER_LIST`,
+  `MAX_HEAD_LIST` of the steers' Specs), comparison arms (`compare.MAX_ARMS`), feedback comments (`feedback.MAX_COMMENT`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ def _cap_strings(value: object, cap: int) -> object:
 # ------------------------------------------------------------------ JSON nesting of a whole body
 
 MAX_BODY_DEPTH = 64  # nesting levels of a request body (a chat with tool schemas needs ~10)
-_OPEN, _CLOSE = b"[{", b"]}"
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 

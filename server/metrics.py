@@ -12,6 +12,8 @@ from prometheus_client import Counter, Histogram
 
 from steerserve.patches.plan import SteerPlan
 
+from .schema import FIELD_PATHS
+
 REQUESTS = Counter(
     "steerserve_requests",
     "Generation requests by endpoint and steer kind (none: no steer field; neutral: steer given "
@@ -27,39 +29,19 @@ REJECTED = Counter(
 OTHER = "other"
 
 
-def _schema_fields() -> frozenset[str]:
-    """Every dotted field path of the `steer` object's schema, plus the request fields a steer
-    error can name (the unit key, the prompt or a message's content)."""
-    from .schema import SteerSpec
-
-    out = {"steer", "user", "prompt", "messages.content"}
-    stack = [("steer", SteerSpec)]
-    while stack:
-        prefix, model = stack.pop()
-        for name, field in model.model_fields.items():
-            path = f"{prefix}.{name}"
-            out.add(path)
-            for arg in getattr(field.annotation, "__args__", (field.annotation,)):
-                if isinstance(arg, type) and hasattr(arg, "model_fields"):
-                    stack.append((path, arg))
-    return frozenset(out)
-
-
-_KNOWN_FIELDS: frozenset[str] | None = None
+# the request fields a steer error can name besides the schema's (the unit key, the prompt, a message)
+_REQUEST_FIELDS = frozenset({"user", "prompt", "messages.content"})
 
 
 def field_label(field: str | None) -> str:
     """The metrics label for a rejected field: its path without list indices when the schema has
-    it (a nested key of a field the schema types loosely, such as `steer.mixing.variant`, counts
-    under that field), else `other`. Client input never becomes a label."""
-    global _KNOWN_FIELDS
-    if _KNOWN_FIELDS is None:
-        _KNOWN_FIELDS = _schema_fields()
+    it (an unknown key inside a steer, such as `steer.proxy.weight`, counts under that steer), else
+    `other`. Client input never becomes a label."""
     if not field or len(field) > 200:
         return OTHER
     path = re.sub(r"\[[^\]]*\]", "", field)
     while path:
-        if path in _KNOWN_FIELDS:
+        if path in FIELD_PATHS or path in _REQUEST_FIELDS:
             return path
         if "." not in path:
             break

@@ -18,12 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from steerserve.patches.plan import SteerPlan
 from steerserve.patches.steers import BY_NAME, STEERS, ServingContext
 from steerserve.patches.steers.base import ECHO_CAP, ModelInfo, SteerError, shown
-from steerserve.patches.steers.context_attention import (  # noqa: F401  (re-exported)
-    CONTEXT_ALPHA_ALL_HEADS, CONTEXT_ALPHA_HEAD_SET, DEFAULT_HEAD_SET, MAX_HEAD_LIST, ContextAttentionSpec,
-    check_head_pairs,
-)
-from steerserve.patches.steers.infosteer import ALPHA_MAX, ALPHA_MIN, InfoSteerSpec  # noqa: F401  (re-exported)
-from steerserve.patches.steers.layers import MAX_LAYER_LIST  # noqa: F401  (re-exported)
 
 __all__ = ["ModelInfo", "SteerError", "SteerSpec", "normalise", "parse_spec", "resolve_profile"]
 
@@ -54,6 +48,8 @@ def _allowed() -> dict[str, list[str]]:
 
 
 _ALLOWED = _allowed()
+# every dotted field path of the schema (`steer`, `steer.infosteer`, `steer.infosteer.alpha`, ...)
+FIELD_PATHS = frozenset({"steer"} | {f"{parent}.{name}" for parent, names in _ALLOWED.items() for name in names})
 # union members' model names, which pydantic puts into error locations
 _UNION_TAGS = {m.__name__ for s in STEERS for m in s.spec_models()}
 _FIELD_NAMES = {name for names in _ALLOWED.values() for name in names}

@@ -33,7 +33,8 @@ def test_store_persists_and_summarises(tmp_path):
     store.close()
     store = FeedbackStore(path)  # a restart: nothing lost
     assert store.response("r4") == ("tone", "strong") and store.response("nope") is None
-    assert store.unit("r4") == "u4" and store.unit("other") is None and store.unit("nope") is None
+    assert store.served("r4") == ("tone", "strong", "u4") and store.served("other") == ("else", "a", None)
+    assert store.served("nope") is None
     summary = {a["arm"]: a for a in store.summary("tone", ["control", "strong", "unused"])["arms"]}
     assert summary["strong"]["responses"] == 3 and summary["strong"]["feedback"] == 2
     assert summary["strong"]["score"]["mean"] == pytest.approx(0.85)

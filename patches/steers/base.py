@@ -140,7 +140,7 @@ class Steer:
     implied_by_model  whether the request's `model` alone can imply it (then `normalise` also
                  runs when the request has no `steer.<name>`, with spec None)
     hints        extra words for pydantic's messages, by field name ("" for the value itself)
-    summary      one line for /openapi.json and CLI help
+    summary      one line for /openapi.json and the client builder's docstrings
     """
 
     name: ClassVar[str]
