@@ -79,7 +79,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     from steerserve.patches import STEERABLE_ARCHITECTURES
     from steerserve.patches.plan import SteerPlan
     from steerserve.patches.reference import greedy_generate
-    from steerserve.patches.vllm_adapter import shutdown_engine
+    from steerserve.patches.adapter.runner import shutdown_engine
     from steerserve.server.model_store import ensure_embedded_model
     from steerserve.server.schema import ModelInfo, normalise
 

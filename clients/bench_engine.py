@@ -74,7 +74,7 @@ def measure_engine(path: Path, prompts: list[list[int]], max_tokens: int, worklo
     from vllm import LLM
 
     from steerserve.patches import STEERABLE_ARCHITECTURES
-    from steerserve.patches.vllm_adapter import shutdown_engine
+    from steerserve.patches.adapter.runner import shutdown_engine
 
     arch = json.loads((path / "config.json").read_text())["architectures"][0]
     n = len(prompts)

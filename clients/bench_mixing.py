@@ -51,7 +51,7 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steerserve.patches.mixing import VARIANTS_ENV
+    from steerserve.patches.steers.mixing import VARIANTS_ENV
     from steerserve.patches.plan import MixingPlan, SteerPlan
     from steerserve.server.model_store import ensure_embedded_model
     from steerserve.training.export import merge_full

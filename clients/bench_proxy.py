@@ -8,7 +8,7 @@ Same workload everywhere (N chat prompts x T generated tokens, all submitted at 
    from the model (every 2nd layer) and a perturbed copy of it as the expert, in a temp dir):
    `plain`, `all_proxy`, `quarter_proxy` (25% proxy rows among plain ones);
 4. the Hugging Face reference: the three models batched and stepped together, each with its KV
-   cache (`reference.proxy_generate`), on the same N prompts; and the base alone (`generate`), whose
+   cache (`steers/proxy/reference.proxy_generate`), on the same N prompts; and the base alone (`generate`), whose
    ratio to the engine's plain run is the ceiling for the engine-vs-reference ratio on this machine.
 Rounds are interleaved within an engine; ratios within an engine are medians of per-round ratios.
 """
@@ -44,8 +44,9 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from steerserve.patches.plan import ProxyPlan, SteerPlan
-    from steerserve.patches.proxy import PAIRS_ENV
-    from steerserve.patches.reference import greedy_generate, proxy_generate
+    from steerserve.patches.steers.proxy import PAIRS_ENV
+    from steerserve.patches.reference import greedy_generate
+    from steerserve.patches.steers.proxy.reference import proxy_generate
     from steerserve.server.model_store import ensure_embedded_model
     from steerserve.server.schema import ModelInfo
 

@@ -61,7 +61,7 @@ class Engine:
                        hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[self.info.architecture]]})
 
     def close(self) -> None:
-        from steerserve.patches.vllm_adapter import shutdown_engine
+        from steerserve.patches.adapter.runner import shutdown_engine
 
         shutdown_engine(self.llm)
 

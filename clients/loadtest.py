@@ -146,11 +146,13 @@ async def _settle(client, timeout: float = 60.0) -> dict[str, float]:
 async def run_load(base_url: str, model: str, clients: int = 64, disconnect_fraction: float = 0.25,
                    max_tokens: int = 24, abort_max_tokens: int = 200, hang_up_after: int = 1,
                    api_key: str | None = None, pid: int | None = None, timeout: float = 600.0,
-                   exact: bool = False) -> dict:
+                   exact: bool = False, check_aborts: bool = True) -> dict:
     """Run the load (a warm-up round first when `pid` is given) and check it; returns the figures
     and a list of `problems` (empty when every check held). `exact`: also require each completed
     stream's tokens to equal the request sent alone (true on a float32 server, whose greedy tokens do
-    not move with batch composition; bfloat16 batches are not batch-invariant)."""
+    not move with batch composition; bfloat16 batches are not batch-invariant). `check_aborts`:
+    count too many generated tokens as a problem (a slow API process may see hang-ups only after a
+    fast engine finished the dropped requests: then it is reported, not judged)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     disconnect_every = round(1 / disconnect_fraction) if disconnect_fraction > 0 else 0
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
@@ -204,7 +206,7 @@ async def run_load(base_url: str, model: str, clients: int = 64, disconnect_frac
         # aborted: the dropped requests stopped before half their length (a hang-up reaches the engine
         # within a few steps; a server that ignores it generates the whole budget)
         ceiling = len(completed) * max_tokens + len(dropped) * abort_max_tokens / 2
-        if dropped and generated >= ceiling:
+        if check_aborts and dropped and generated >= ceiling:
             problems.append(f"generated {generated:.0f} tokens (at most {ceiling:.0f} allowed): the dropped "
                             f"requests were not aborted")
         report.update({

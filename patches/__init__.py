@@ -17,10 +17,10 @@ STEERABLE_ARCHITECTURES = {
 def register() -> None:
     from vllm import ModelRegistry
 
-    from .proxy import proxy_pairs_from_env
-    from .vllm_adapter import (
-        install_cpu_pipeline_fix, install_metadata_recorder, install_prefix_cache_keys, install_runner_hook,
-    )
+    from .adapter.block_hash import install_prefix_cache_keys
+    from .adapter.metadata import install_metadata_recorder
+    from .adapter.runner import install_cpu_pipeline_fix, install_runner_hook
+    from .steers.proxy import proxy_pairs_from_env
 
     supported = set(ModelRegistry.get_supported_archs())
     for steerable in STEERABLE_ARCHITECTURES.values():

@@ -1,8 +1,10 @@
 """Steerable versions of vLLM's Llama and Qwen2 causal LMs.
 
-Each subclasses vLLM's own class and, after it is built, swaps its MLPs for steerable ones
-(`vllm_adapter.make_mlps_steerable`) and their attention impls for ones that run the
-context-attention second pass (`make_attention_steerable`); weights, loading, attention and compilation are vLLM's.
+Each subclasses vLLM's own class and, after it is built, gets a `StepHandle` holding the engine of
+every registered steer (`patches/steers/engine.py`): its MLPs call the FFN hook, its attention impls
+the attention hooks (the adapter's hook points), and each engine installs what it serves (proxy
+sub-models; TAIA variants when the weights load). `compute_logits` runs the engines' logits hooks.
+Weights, loading, attention and compilation are vLLM's.
 Selected with `hf_overrides={"architectures": ["SteerableLlamaForCausalLM"]}` (the server does this).
 """
 
@@ -11,42 +13,29 @@ from __future__ import annotations
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from .mixing import full_variants_from_env
-from .proxy import proxy_pairs_from_env
-from .vllm_adapter import (
-    build_proxy_models, load_proxy_weights, load_variant_weights, make_attention_steerable, make_mlps_steerable,
-    proxy_logits, route_logits_, whole_logits,
-)
+from .adapter.attention import make_attention_steerable
+from .adapter.layers import make_mlps_steerable
+from .steers.engine import StepHandle, engine_settings
 
 
 class _SteerableMixin:
-    """After vLLM builds the model: steerable MLPs and attention. Loading also loads the fully
-    fine-tuned variants declared by the server (TAIA mixing); logits of mixed rows use their
-    variant's LM head."""
+    """The hook points and the engines, after vLLM builds the model."""
 
     def _make_steerable(self, vllm_config) -> None:
-        make_mlps_steerable(self)
-        make_attention_steerable(self)
-        pairs = proxy_pairs_from_env()
-        if pairs:
-            # after the scans above: the experts' modules are plain vLLM ones
-            build_proxy_models(self, vllm_config, pairs)
+        self.steer_vllm_config = vllm_config
+        self.steer_handle = StepHandle.for_registry(engine_settings(vllm_config))
+        make_mlps_steerable(self, self.steer_handle)
+        make_attention_steerable(self, self.steer_handle)
+        # after the scans above: sub-models an engine builds keep plain vLLM modules
+        self.steer_handle.install(self)
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
-        variants = full_variants_from_env()
-        if variants:
-            load_variant_weights(self, super().load_weights, variants)
-        if hasattr(self, "steer_proxy"):
-            loaded = set(loaded or ()) | load_proxy_weights(self)
-        return loaded
+        extra = self.steer_handle.load_weights(self, super().load_weights)
+        return set(loaded or ()) | extra if extra else loaded
 
     def compute_logits(self, hidden_states):
-        logits = whole_logits(self, hidden_states)
-        if logits is None:
-            logits = super().compute_logits(hidden_states)
-            route_logits_(self, hidden_states, logits)
-        return proxy_logits(self, hidden_states, logits)
+        return self.steer_handle.compute_logits(self, hidden_states, super().compute_logits)
 
 
 class SteerableLlamaForCausalLM(_SteerableMixin, LlamaForCausalLM):

@@ -17,7 +17,7 @@ depends on (attention is causal) — and nothing that comes later. Sound reuse s
 turns of a conversation keep their emphasis under "user" emphasis and hit the cache; a block
 whose emphasis differs misses, whatever made it differ.
 
-Pure Python; runs in the engine-core process (installed by `vllm_adapter.install_prefix_cache_keys`).
+Pure Python; runs in the engine-core process (installed by `adapter.block_hash.install_prefix_cache_keys`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from steerserve.patches.steers.base import RenderedPrompt
 from . import auth, family, feedback, limits, metrics
 from .experiments import UNIT_HEADER, resolve_experiment
 from .schema import SteerError, normalise, resolve_profile
-from steerserve.patches.vllm_adapter import (
+from steerserve.patches.adapter.server import (
     engine_input_text, http_surface, intercept_renders, refused_by_vllm_bug, render_chat_text, renderer_tokenizer,
     served_models_listing,
 )

@@ -396,7 +396,7 @@ def serve(args: argparse.Namespace) -> None:
     argv = vllm_argv(args, model) + variant_argv
     print(f"[steerserve] starting vLLM on http://{args.host}:{args.port} with: {' '.join(argv)}",
           file=sys.stderr, flush=True)
-    from steerserve.patches.vllm_adapter import DEFAULT_HEADER_TIMEOUT, run_openai_server
+    from steerserve.patches.adapter.server import DEFAULT_HEADER_TIMEOUT, run_openai_server
 
     header_timeout = DEFAULT_HEADER_TIMEOUT if args.header_timeout is None else args.header_timeout
     run_openai_server(argv, header_timeout, on_load=auth.install_log_redaction)

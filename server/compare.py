@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from steerserve.patches.vllm_adapter import http_surface
+from steerserve.patches.adapter.server import http_surface
 
 from .api import STEER_FIELD, bad_request, rendering, take_plan
 

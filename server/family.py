@@ -10,7 +10,7 @@ Variants are declared with `steerserve serve --variant NAME=PATH` (repeatable) o
   `$STEERSERVE_HOME/variants/`), registered as `NAME:taia` and `NAME:ffn-only` next to `NAME`;
   a request's mixing picks the adapter;
 - a full checkpoint folder (a fully fine-tuned model of the same base): the engine holds the
-  variant's weights and routes the rows of requests that use them (`patches/mixing.py`).
+  variant's weights and routes the rows of requests that use them (`patches/steers/mixing/engine.py`).
 Either kind is refused at start-up when its `steerserve.json` names a base with another content
 digest than the served model, or (without metadata) when its shape differs.
 
@@ -32,9 +32,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from steerserve.patches.mixing import VARIANTS_ENV
+from steerserve.patches.steers.mixing import VARIANTS_ENV
 from steerserve.patches.plan import MixingPlan, ProxyPlan
-from steerserve.patches.proxy import PAIRS_ENV
+from steerserve.patches.steers.proxy import PAIRS_ENV
 from steerserve.patches.steers.base import SteerError
 from steerserve.patches.steers.proxy import ALPHA_MAX, ALPHA_MIN
 

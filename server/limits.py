@@ -3,7 +3,7 @@
 Enforced where they are cheapest, each refused with a 4xx naming what was too large:
 - body size, body read time, body nesting, steering sent to a route that does not steer:
   `RequestGuard`, a pure ASGI middleware in front of every route (413 / 408 / 400); header read
-  time: the HTTP server's protocol (`patches.vllm_adapter.install_http_timeouts`, 408-free close);
+  time: the HTTP server's protocol (`patches.adapter.server.install_http_timeouts`, 408-free close);
 - error bodies: client values echoed at most ECHO_CAP characters (`shown`), every string of any
   JSON error body at most ERROR_STRING_CAP (`ErrorCap`, for vLLM's own messages too);
 - `n` and the number of prompts of one /v1/completions request: vLLM's own checks, with the caps

@@ -11,7 +11,7 @@ from argparse import Namespace
 from fastapi import FastAPI
 from starlette.datastructures import State
 
-from steerserve.patches.vllm_adapter import engine_dead, model_info_from_engine
+from steerserve.patches.adapter.server import engine_dead, model_info_from_engine
 
 from . import api, auth, compare, feedback, limits
 from .profiles import load_for_server

@@ -43,7 +43,7 @@ def make_engine(model_dir: Path, **kw):
 
 
 def close_engine(llm) -> None:
-    from steerserve.patches.vllm_adapter import shutdown_engine
+    from steerserve.patches.adapter.runner import shutdown_engine
 
     shutdown_engine(llm)
     del llm

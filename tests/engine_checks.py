@@ -239,7 +239,7 @@ def build_lora_family(base, root):
 @contextlib.contextmanager
 def variants_env(family):
     """Declare the family's tuned checkpoint as the engine's variant 0 while an engine starts."""
-    from steerserve.patches.mixing import VARIANTS_ENV
+    from steerserve.patches.steers.mixing import VARIANTS_ENV
 
     os.environ[VARIANTS_ENV] = json.dumps([{"name": "chat", "path": str(family["tuned"])}])
     try:

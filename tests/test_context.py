@@ -1,10 +1,39 @@
-"""The per-step context and the registered op: rows, grouping, and survival under torch.compile."""
+"""The per-step state (a `StepHandle`'s step) and the FFN hook's registered op: rows, grouping, and
+survival under torch.compile; the mixing engine's routing and logits route."""
+
+import contextlib
 
 import torch
 
-from steerserve.patches import infosteer
-from steerserve.patches.context import build_step_context, current, ffn_steer, ffn_steer_, use_step_context
-from steerserve.patches.plan import InfoSteerPlan
+from steerserve.patches.plan import InfoSteerPlan, MixingPlan, SteerPlan
+from steerserve.patches.steers.engine import RequestRows, Step, StepHandle, StepShape, ffn_steer, ffn_steer_
+from steerserve.patches.steers.infosteer import formulas as infosteer
+from steerserve.patches.steers.infosteer.engine import ENGINE as INFOSTEER
+from steerserve.patches.steers.mixing.engine import ENGINE as MIXING
+
+HANDLE = StepHandle((INFOSTEER, MIXING))
+
+
+def build_step_context(entries, device="cpu", num_tokens=-1):
+    """The InfoSteer step state for (plan, start, end) per request (request i = entry i)."""
+    plans = [(SteerPlan(infosteer=plan), RequestRows(i, s, e)) for i, (plan, s, e) in enumerate(entries)]
+    step = HANDLE.begin(plans, StepShape(len(entries), num_tokens, device))
+    HANDLE.end()
+    return step.state("infosteer") if step is not None else None
+
+
+@contextlib.contextmanager
+def use_step_context(state):
+    """Publish `state` as the handle's step for the block."""
+    HANDLE.step = Step(StepShape(0, 0), {"infosteer": state}, {"ffn_": [(INFOSTEER, state)]})
+    try:
+        yield
+    finally:
+        HANDLE.end()
+
+
+def current():
+    return HANDLE.step
 
 SCALE = InfoSteerPlan(layers=(0, 2), mode="scale", alpha=2.0)
 TOPK = InfoSteerPlan(layers=(1,), mode="topk", alpha=3.0, k=2)
@@ -20,10 +49,10 @@ def test_op_touches_only_the_steered_rows_of_its_layers():
     x = torch.randn(10, 8)
     # request A: rows 0-3 (prefill chunk), B: row 4 (decode), C: rows 5-6, rows 7-9 unsteered
     ctx = build_step_context([(SCALE, 0, 4), (TOPK, 4, 5), (LIFT, 5, 7)], "cpu")
-    assert ctx.num_steered_requests == 3
+    assert ctx.num_requests == 3
     layer0 = x.clone()
     with use_step_context(ctx):
-        ffn_steer_(layer0, 0)
+        ffn_steer_(layer0, HANDLE.index, 0)
     assert current() is None
     torch.testing.assert_close(layer0[0:4], x[0:4] * 2.0)
     assert torch.equal(layer0[4], x[4])  # TOPK is not on layer 0
@@ -31,20 +60,20 @@ def test_op_touches_only_the_steered_rows_of_its_layers():
     assert torch.equal(layer0[7:], x[7:])
     layer1 = x.clone()
     with use_step_context(ctx):
-        ffn_steer_(layer1, 1)
+        ffn_steer_(layer1, HANDLE.index, 1)
     assert torch.equal(layer1[:4], x[:4]) and torch.equal(layer1[5:], x[5:])
     torch.testing.assert_close(layer1[4:5], infosteer.apply_one(x[4:5], "topk", 3.0, k=2))
 
 
 def test_requests_with_one_config_share_a_group():
     ctx = build_step_context([(SCALE, 0, 2), (SCALE, 2, 3), (SCALE, 5, 6)], "cpu")
-    (group,) = ctx.ffn_groups[0]
+    (group,) = ctx.groups[0]
     assert group.rows.tolist() == [0, 1, 2, 5]
-    assert ctx.ffn_groups[2] == [group]
+    assert ctx.groups[2] == [group]
     distinct = [(InfoSteerPlan(layers=(0, 2), mode="scale", alpha=1 + i / 10), i, i + 1) for i in range(32)]
     ctx = build_step_context(distinct, "cpu")
-    assert len(ctx.ffn_groups[0]) == 1  # 32 distinct alphas: still one batched op per layer
-    assert torch.allclose(ctx.ffn_groups[0][0].alpha, torch.tensor([1 + i / 10 for i in range(32)]))
+    assert len(ctx.groups[0]) == 1  # 32 distinct alphas: still one batched op per layer
+    assert torch.allclose(ctx.groups[0][0].alpha, torch.tensor([1 + i / 10 for i in range(32)]))
 
 
 def test_op_runs_inside_a_compiled_graph():
@@ -52,7 +81,7 @@ def test_op_runs_inside_a_compiled_graph():
 
     def mlp(x):
         h = torch.nn.functional.silu(x) * 2
-        ffn_steer(h, 0)  # what steerable MLPs call: must pick the registered op when compiling
+        ffn_steer(h, HANDLE.index, 0)  # what steerable MLPs call: must pick the registered op when compiling
         return h.sum(-1)
 
     compiled = torch.compile(mlp, fullgraph=True)
@@ -77,11 +106,11 @@ def test_scale_fast_paths_equal_the_reference_formula():
         plan = InfoSteerPlan(layers=(0,), mode="scale", alpha=1.37)
         for ranges in ([(2, 5), (5, 9)], [(0, 2), (6, 7), (9, 12)]):
             ctx = build_step_context([(plan, s, e) for s, e in ranges], "cpu")
-            (group,) = ctx.ffn_groups[0]
+            (group,) = ctx.groups[0]
             assert (group.span is not None) == (len(ranges) == 2) and group.uniform_alpha == 1.37
             y = x.clone()
             with use_step_context(ctx):
-                ffn_steer_(y, 0)
+                ffn_steer_(y, HANDLE.index, 0)
             rows = group.rows
             expected = x.clone()
             expected[rows] = infosteer.scale_rows(x[rows], torch.full((len(rows),), 1.37))
@@ -95,10 +124,10 @@ def test_scale_with_per_row_alphas_equals_the_reference_formula():
     for shift in (0, 1):  # contiguous rows 0-2, then rows 1, 3, 5
         ctx = build_step_context([(p, s * (1 + shift) + shift, s * (1 + shift) + shift + 1) for p, s, _ in entries],
                                  "cpu")
-        (group,) = ctx.ffn_groups[0]
+        (group,) = ctx.groups[0]
         y = x.clone()
         with use_step_context(ctx):
-            ffn_steer(y, 0)
+            ffn_steer(y, HANDLE.index, 0)
         expected = x.clone()
         expected[group.rows] = infosteer.scale_rows(x[group.rows], group.alpha)
         assert torch.equal(y, expected)
@@ -107,12 +136,18 @@ def test_scale_with_per_row_alphas_equals_the_reference_formula():
 def test_step_mixing_rows_and_logits_route():
     import torch
 
-    from steerserve.patches.mixing import LogitsRoute, StepMixing
+    from steerserve.patches.steers.mixing.engine import LogitsRoute, StepMixing
 
     # request 0: TAIA rows 0-3 (variant 0); request 1 unmixed rows 3-5; request 2: tuned rows 5-6 (variant 0);
     # request 3: ffn-only rows 6-9 (variant 1)
-    mix = build_step_context([], "cpu", (), [(0, True, False, 0, 0, 3), (0, True, True, 2, 5, 6),
-                                             (1, False, True, 3, 6, 9)], num_reqs=4).mixing
+    def mix_plan(index, attention, ffn):
+        return SteerPlan(mixing=MixingPlan("v", attention, ffn, "weights", index))
+
+    step = HANDLE.begin([(mix_plan(0, "tuned", "base"), RequestRows(0, 0, 3)),
+                         (mix_plan(0, "tuned", "tuned"), RequestRows(2, 5, 6)),
+                         (mix_plan(1, "base", "tuned"), RequestRows(3, 6, 9))], StepShape(4, -1))
+    HANDLE.end()
+    mix = step.state("mixing").mix
     assert isinstance(mix, StepMixing)
     groups = {(c, v): (rows.tolist(), span) for c in ("attention", "ffn") for v, rows, span in mix.groups(c)}
     assert groups == {("attention", 0): ([0, 1, 2, 5], None), ("ffn", 0): ([5], (5, 6)),

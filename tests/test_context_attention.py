@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 
-from steerserve.patches import context_attention as ca
+from steerserve.patches.steers.context_attention import engine as ca
+from steerserve.patches.steers.context_attention import kv as kvmod
+from steerserve.patches.steers.engine import RequestRows
 from steerserve.patches.plan import ContextAttentionPlan
-from steerserve.patches.reference import pasta_bias
+from steerserve.patches.steers.context_attention.reference import pasta_bias
+
+
+def build_work(entries, device):
+    """AttentionWork from (plan, batch index, start row, end row) per request."""
+    return ca.AttentionWork.build([(p, RequestRows(b, st, e)) for p, b, st, e in entries], device)
 
 
 def _cpu_write(isa: str):
@@ -38,7 +45,7 @@ def _fake_write(perm_k: torch.Tensor, perm_v: torch.Tensor):
 def test_calibration_reads_the_cpu_kernel_layout(dtype):
     """The CPU backend's own cache write, then our gather: the same K/V come back, any dtype."""
     bs, kvh, hd, nb = 128, 2, 64, 5
-    reader = ca.CpuPagedKV.calibrate(_cpu_write("vec"), kvh, bs, hd, dtype)
+    reader = kvmod.CpuPagedKV.calibrate(_cpu_write("vec"), kvh, bs, hd, dtype)
     assert (reader.kind_k, reader.kind_v) == ("transposed", "identity")  # the "vec" ISA path, measured
     from vllm import _custom_ops as ops
 
@@ -66,7 +73,7 @@ def test_calibration_reads_the_amx_layout():
     from vllm import _custom_ops as ops
 
     bs, kvh, hd = 128, 3, 64
-    reader = ca.CpuPagedKV.calibrate(_cpu_write("amx"), kvh, bs, hd, torch.bfloat16)
+    reader = kvmod.CpuPagedKV.calibrate(_cpu_write("amx"), kvh, bs, hd, torch.bfloat16)
     assert (reader.kind_k, reader.kind_v) == ("amx_k", "amx_v")
     cache = torch.zeros(3, kvh, bs, 2 * hd, dtype=torch.bfloat16)
     kc, vc = cache.view(3, kvh, 2 * bs, hd).chunk(2, dim=2)
@@ -85,10 +92,10 @@ def test_calibration_reads_the_amx_layout():
 def test_strided_layouts_on_synthetic_caches(kind, dtype):
     """Each known strided layout, written by a fake backend, is classified and read back exactly."""
     bs, kvh, hd = 32, 2, 32
-    shape, order = ca._strided_candidates(bs, hd)[kind]
+    shape, order = kvmod._strided_candidates(bs, hd)[kind]
     perm = torch.arange(bs * hd).view(shape).permute(order).reshape(-1)
     ident = torch.arange(bs * hd)
-    reader = ca.CpuPagedKV.calibrate(_fake_write(perm, perm), kvh, bs, hd, dtype)
+    reader = kvmod.CpuPagedKV.calibrate(_fake_write(perm, perm), kvh, bs, hd, dtype)
     assert reader.kind_k == reader.kind_v == kind
     k, v = torch.randn(bs, kvh, hd).to(dtype), torch.randn(bs, kvh, hd).to(dtype)
     cache = torch.zeros(2, kvh, bs, 2 * hd, dtype=dtype)
@@ -96,7 +103,7 @@ def test_strided_layouts_on_synthetic_caches(kind, dtype):
     _fake_write(perm, perm)(k, v, kc[1:], vc[1:], None)
     got = reader.gather(cache, torch.tensor([[1]]), torch.arange(kvh))
     assert torch.equal(got.k_dense()[0], k.transpose(0, 1)) and torch.equal(got.v[0], v.transpose(0, 1))
-    assert ca._classify(ident, bs, hd) == "identity"
+    assert kvmod._classify(ident, bs, hd) == "identity"
 
 
 def test_calibration_handles_any_block_interior_permutation():
@@ -104,7 +111,7 @@ def test_calibration_handles_any_block_interior_permutation():
     g = torch.Generator().manual_seed(0)
     perm_k = torch.randperm(bs * hd, generator=g)
     perm_v = torch.randperm(bs * hd, generator=g)
-    reader = ca.CpuPagedKV.calibrate(_fake_write(perm_k, perm_v), kvh, bs, hd, torch.bfloat16)
+    reader = kvmod.CpuPagedKV.calibrate(_fake_write(perm_k, perm_v), kvh, bs, hd, torch.bfloat16)
     assert reader.kind_k == reader.kind_v == "permuted"
     assert torch.equal(reader.perm_k, perm_k) and torch.equal(reader.perm_v, perm_v)
     k = torch.randn(bs, kvh, hd)
@@ -123,7 +130,7 @@ def test_calibration_refuses_a_lossy_layout():
         value_cache.zero_()
 
     with pytest.raises(ValueError, match="not a permutation"):
-        ca.CpuPagedKV.calibrate(lossy, 1, 32, 32, torch.float32)
+        kvmod.CpuPagedKV.calibrate(lossy, 1, 32, 32, torch.float32)
 
 
 def test_flash_layout_reader_on_synthetic_cache():
@@ -132,7 +139,7 @@ def test_flash_layout_reader_on_synthetic_cache():
     nb, kvh, bs, hd = 6, 2, 16, 8
     storage = torch.randn(nb, bs, kvh, 2 * hd)  # physically [blocks, tokens, heads, channels]
     cache = storage.permute(0, 2, 1, 3)  # logical [blocks, heads, tokens, channels]
-    reader = ca.FlashPagedKV(bs, hd)
+    reader = kvmod.FlashPagedKV(bs, hd)
     got = reader.gather(cache, torch.tensor([[4, 1], [0, 5]]), torch.arange(kvh))
     assert got.k.shape == (2, kvh, 2 * bs, hd) and not got.k_blocks_transposed
     assert torch.equal(got.k[0, 1, bs + 3], storage[1, 3, 1, :hd])
@@ -173,7 +180,7 @@ def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monk
     bs, kvh, hd, heads, nb = 16, 2, 8, 4, 12
     ident = torch.arange(bs * hd)
     perm_k = ident if k_layout == "identity" else ident.view(hd, bs).t().reshape(-1)
-    reader = ca.CpuPagedKV(bs, hd, perm_k, ident)
+    reader = kvmod.CpuPagedKV(bs, hd, perm_k, ident)
     assert reader.kind_k == k_layout
     cache = torch.randn(nb, kvh, bs, 2 * hd)
     region = cache.view(nb, kvh, 2, bs * hd)
@@ -190,7 +197,7 @@ def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monk
     seq_lens = torch.tensor([r[0] for r in reqs], dtype=torch.int32)
     p_all = ContextAttentionPlan(0.2, ((0, (0, 1, 2, 3)), (1, (2,))), "user", ((3, 9), (12, 14)))
     p_some = ContextAttentionPlan(0.5, ((0, (1, 3)),), "user", ((0, 4),))
-    work = ca.AttentionWork.build([(p_all, 0, 0, 1), (p_some, 1, 1, 2), (p_all, 2, 2, 14)], "cpu")
+    work = build_work([(p_all, 0, 0, 1), (p_some, 1, 1, 2), (p_all, 2, 2, 14)], "cpu")
     scale = hd**-0.5
     work.apply_(0, query, output, cache, reader, seq_lens, block_table, scale)
 
@@ -232,10 +239,10 @@ def test_tensor_parallel_head_offset_maps_global_heads_to_local():
     torch.manual_seed(1)
     bs, kvh, hd = 16, 1, 8
     ident = torch.arange(bs * hd)
-    reader = ca.CpuPagedKV(bs, hd, ident, ident)
+    reader = kvmod.CpuPagedKV(bs, hd, ident, ident)
     cache = torch.randn(2, kvh, bs, 2 * hd)
     plan = ContextAttentionPlan(0.3, ((0, (0, 3)),), "user", ((0, 2),))
-    work = ca.AttentionWork.build([(plan, 0, 0, 1)], "cpu")
+    work = build_work([(plan, 0, 0, 1)], "cpu")
     query = torch.randn(1, 2, hd)
     output = torch.zeros(1, 2, hd)
     work.apply_(0, query, output, cache, reader, torch.tensor([9]), torch.tensor([[1]]), 0.3, head_offset=2)
@@ -247,7 +254,7 @@ def test_decode_rows_are_chunked_by_gathered_tokens(monkeypatch):
     torch.manual_seed(2)
     bs, kvh, hd, heads = 16, 1, 8, 2
     ident = torch.arange(bs * hd)
-    reader = ca.CpuPagedKV(bs, hd, ident, ident)
+    reader = kvmod.CpuPagedKV(bs, hd, ident, ident)
     cache = torch.randn(40, kvh, bs, 2 * hd)
     lengths = [50, 17, 33, 64, 5, 40]
     block_table = torch.arange(40, dtype=torch.int32)[: 6 * 4].view(6, 4)
@@ -262,11 +269,11 @@ def test_decode_rows_are_chunked_by_gathered_tokens(monkeypatch):
         return original(self, items, *args)
 
     one = torch.zeros(6, heads, hd)
-    ca.AttentionWork.build(entries, "cpu").apply_(0, query, one, cache, reader, torch.tensor(lengths), block_table, 0.3)
+    build_work(entries, "cpu").apply_(0, query, one, cache, reader, torch.tensor(lengths), block_table, 0.3)
     monkeypatch.setattr(ca, "DECODE_CHUNK_TOKENS", 64)
     monkeypatch.setattr(ca.AttentionWork, "_decode_", spy)
     chunked = torch.zeros(6, heads, hd)
-    ca.AttentionWork.build(entries, "cpu").apply_(0, query, chunked, cache, reader, torch.tensor(lengths),
+    build_work(entries, "cpu").apply_(0, query, chunked, cache, reader, torch.tensor(lengths),
                                                   block_table, 0.3)
     assert len(calls) > 1 and sum(calls) == 6
     torch.testing.assert_close(chunked, one)

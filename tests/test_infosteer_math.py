@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from steerserve.patches import infosteer
+from steerserve.patches.steers.infosteer import formulas as infosteer
 
 
 def naive(c: torch.Tensor, mode: str, alpha: float, k: int = 0, m: int = 0) -> torch.Tensor:

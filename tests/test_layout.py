@@ -111,3 +111,49 @@ def test_docs_client_example_runs():
     out = subprocess.run([sys.executable, "-c", block + "\nassert body['steer']['mixing'] == 'taia'"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_vllm_is_reached_only_through_the_adapter():
+    """Steer packages (request side and engines) never import vLLM: its private surfaces live in
+    patches/adapter/ (checked by tests/test_vllm_adapter.py); the plugin entry point and the
+    steerable model classes are the only other places that name it."""
+    allowed = {"steerserve.patches", "steerserve.patches.models"}
+    offenders = sorted(name for name, path in _modules().items()
+                       if name.startswith("steerserve.patches") and not name.startswith("steerserve.patches.adapter")
+                       and name not in allowed and "vllm" in _third_party_imports(path))
+    assert not offenders, offenders
+
+
+def test_every_engine_steer_has_its_engine():
+    """A steer that names an engine has it (`ENGINE`, a SteerEngine of the same name)."""
+    import importlib
+
+    from steerserve.patches.steers import STEERS
+    from steerserve.patches.steers.engine import SteerEngine
+
+    for steer in STEERS:
+        if steer.engine:
+            engine = importlib.import_module(steer.engine).ENGINE
+            assert isinstance(engine, SteerEngine) and engine.name == steer.name, steer.name
+
+
+def test_the_wheel_carries_every_package():
+    """pyproject.toml lists every package folder (setuptools maps folders onto `steerserve.*` and
+    does not find subpackages by itself: a missing one is absent from the wheel the Dockerfiles
+    install)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join([package, *path.parent.relative_to(ROOT / folder).parts])
+               for folder, package in PACKAGES.items() for path in (ROOT / folder).rglob("__init__.py")}
+    assert on_disk <= listed, sorted(on_disk - listed)

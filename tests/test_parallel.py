@@ -32,7 +32,8 @@ from engine_checks import (
 from tiny_models import build_tiny
 
 from steerserve.patches.plan import ProxyPlan, SteerPlan
-from steerserve.patches.reference import proxy_token_logprobs, token_logprobs
+from steerserve.patches.reference import token_logprobs
+from steerserve.patches.steers.proxy.reference import proxy_token_logprobs
 from steerserve.server.cli import cpu_thread_binding
 
 pytestmark = pytest.mark.engine
@@ -171,7 +172,7 @@ class TestTensorParallel:
 @pytest.fixture(scope="class")
 def proxy_tp2(tiny_llama, tmp_path_factory):
     from steerserve.patches import register
-    from steerserve.patches.proxy import PAIRS_ENV
+    from steerserve.patches.steers.proxy import PAIRS_ENV
 
     root = tmp_path_factory.mktemp("tp-proxy")
     anti = build_tiny("llama", root / "anti", seed=3, num_layers=2)

@@ -35,7 +35,7 @@ def hasher():
     from vllm.utils.hashing import sha256_cbor
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 
-    from steerserve.patches.vllm_adapter import install_prefix_cache_keys
+    from steerserve.patches.adapter.block_hash import install_prefix_cache_keys
 
     install_prefix_cache_keys()  # what the plugin does in the engine-core process
     init_none_hash(sha256_cbor)

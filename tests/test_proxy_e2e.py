@@ -11,7 +11,7 @@ from engine_checks import hf, perturbed_copy
 from server_proc import running_server
 from tiny_models import build_tiny
 
-from steerserve.patches.reference import proxy_generate, proxy_token_logprobs
+from steerserve.patches.steers.proxy.reference import proxy_generate, proxy_token_logprobs
 
 pytestmark = pytest.mark.e2e
 

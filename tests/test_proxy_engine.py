@@ -24,8 +24,8 @@ from engine_checks import LOGPROB_TOL, PROMPTS, hf, perturbed_copy, prompt, run
 from tiny_models import build_tiny
 
 from steerserve.patches.plan import ProxyPlan, SteerPlan
-from steerserve.patches.proxy import PAIRS_ENV
-from steerserve.patches.reference import proxy_generate, proxy_token_logprobs
+from steerserve.patches.steers.proxy import PAIRS_ENV
+from steerserve.patches.steers.proxy.reference import proxy_generate, proxy_token_logprobs
 
 pytestmark = pytest.mark.engine
 
@@ -166,7 +166,7 @@ def _preemptions(llm) -> float:
 
 
 def test_reference_vocab_cut():
-    from steerserve.patches.reference import proxy_combine
+    from steerserve.patches.steers.proxy.reference import proxy_combine
 
     base = torch.zeros(2, 5)
     expert = torch.arange(14, dtype=torch.float32).reshape(2, 7)

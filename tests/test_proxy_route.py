@@ -2,7 +2,7 @@
 
 import torch
 
-from steerserve.patches.proxy import ProxyGroup, ProxyRoute, combine_
+from steerserve.patches.steers.proxy.engine import ProxyGroup, ProxyRoute, combine_
 
 
 def make_route():

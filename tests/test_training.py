@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from steerserve.patches import infosteer
+from steerserve.patches.steers.infosteer import formulas as infosteer
 from steerserve.training import checkpoints as ck
 from steerserve.training import data as D
 from steerserve.training.export import component_of, export_taia, merge_full, split_adapter
@@ -262,7 +262,7 @@ def test_proxy_eval_scores_match_one_at_a_time(tiny_llama, tok, tmp_path):
     from tiny_models import build_tiny
 
     from steerserve.clients.datasets import MCItem
-    from steerserve.patches.reference import proxy_combine
+    from steerserve.patches.steers.proxy.reference import proxy_combine
     from steerserve.training.proxy_eval import add_summary, choice_scores, report, score_items
 
     anti = hf(build_tiny("llama", tmp_path / "anti", seed=3, num_layers=2))

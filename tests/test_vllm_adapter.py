@@ -1,4 +1,4 @@
-"""Every private vLLM surface steerserve touches (see patches/vllm_adapter.py) still exists in the
+"""Every private vLLM surface steerserve touches (see patches/adapter/) still exists in the
 installed vLLM with the shape we rely on. A failure here means: vLLM changed, update the adapter."""
 
 import inspect
@@ -6,8 +6,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from steerserve.patches import vllm_adapter
+from steerserve.patches.adapter import WRAPPED_MARK, block_hash, metadata, parallel, runner
+from steerserve.patches.adapter import server as adapter_server
 from steerserve.patches.plan import InfoSteerPlan, SteerPlan
+from steerserve.patches.steers.engine import RequestRows, StepHandle, StepShape
 
 
 def test_pinned_vllm_version():
@@ -34,9 +36,9 @@ def test_runner_forward_hook_point():
 def test_runner_hook_installed_once():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    vllm_adapter.install_runner_hook()
+    runner.install_runner_hook()
     first = GPUModelRunner._model_forward
-    vllm_adapter.install_runner_hook()
+    runner.install_runner_hook()
     assert GPUModelRunner._model_forward is first and getattr(first, "_steerserve_wrapped")
 
 
@@ -53,22 +55,36 @@ def test_batch_and_request_state_fields():
     assert SamplingParams(extra_args={"steer": "x"}).extra_args == {"steer": "x"}
 
 
-def test_steered_row_entries_on_a_fake_runner():
+def test_step_requests_on_a_fake_runner():
     plan = SteerPlan(infosteer=InfoSteerPlan(layers=(0,), mode="scale", alpha=2.0))
     mk = lambda extra: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))  # noqa: E731
-    runner = SimpleNamespace(
+    fake = SimpleNamespace(
         input_batch=SimpleNamespace(num_reqs=3, req_ids=["a", "b", "c", "stale"]),
         query_start_loc=SimpleNamespace(np=np.array([0, 5, 6, 9, 9])),
         requests={"a": mk(None), "b": mk({"steer": plan.to_json()}), "c": mk({"steer": plan.to_json()}),
                   "stale": mk({"steer": plan.to_json()})},
     )
-    assert vllm_adapter.steered_row_entries(runner) == ([(plan.infosteer, 5, 6), (plan.infosteer, 6, 9)], [], [], [])
-    # proxy rows (alpha 0: none)
+    assert runner.step_requests(fake) == [(plan, RequestRows(1, 5, 6, "b")), (plan, RequestRows(2, 6, 9, "c"))]
+    # the proxy engine's step: proxy rows by pair (alpha 0: none)
     from steerserve.patches.plan import ProxyPlan
+    from steerserve.patches.steers.proxy.engine import ENGINE as PROXY
 
     proxy, zero = SteerPlan(proxy=ProxyPlan("task", 1.5)), SteerPlan(proxy=ProxyPlan("task", 0.0))
-    runner.requests = {"a": mk({"steer": zero.to_json()}), "b": mk(None), "c": mk({"steer": proxy.to_json()})}
-    assert vllm_adapter.steered_row_entries(runner) == ([], [], [], [("task", 1.5, 2, 6, 9)])
+    fake.requests = {"a": mk({"steer": zero.to_json()}), "b": mk(None), "c": mk({"steer": proxy.to_json()})}
+    step = StepHandle((PROXY,)).begin(runner.step_requests(fake), StepShape(3, 9))
+    assert step.state("proxy").by_pair == {"task": [(2, 6, 9, 1.5)]}
+    fake.requests = {"a": mk({"steer": zero.to_json()}), "b": mk(None), "c": mk(None)}
+    assert StepHandle((PROXY,)).begin(runner.step_requests(fake), StepShape(3, 9)) is None
+
+
+def test_runner_metadata_surfaces():
+    """The runner's attention groups, where the step's recorded metadata is read."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.utils import AttentionGroup
+
+    assert "self.attn_groups: list[list[AttentionGroup]]" in inspect.getsource(GPUModelRunner.__init__)
+    assert "layer_names" in AttentionGroup.__dataclass_fields__
+    assert hasattr(GPUModelRunner, "get_model")
 
 
 def test_mlp_layout_and_layer_index():
@@ -84,7 +100,7 @@ def test_mlp_layout_and_layer_index():
 
 
 def test_http_surface():
-    s = vllm_adapter.http_surface()
+    s = adapter_server.http_surface()
     for handler in (s.stock_chat_handler, s.stock_completion_handler):
         assert inspect.iscoroutinefunction(handler)
         assert list(inspect.signature(handler).parameters) == ["request", "raw_request"]
@@ -159,7 +175,7 @@ def test_attention_surfaces():
 
     assert list(inspect.signature(ops.cpu_attn_reshape_and_cache).parameters)[:6] == [
         "key", "value", "key_cache", "value_cache", "slot_mapping", "isa"]
-    from steerserve.patches.vllm_adapter import _steerable_impl_class
+    from steerserve.patches.adapter.attention import _steerable_impl_class
 
     cls = _steerable_impl_class(CPUAttentionBackendImpl)
     obj = object.__new__(CPUAttentionBackendImpl)
@@ -198,8 +214,8 @@ def test_render_surfaces():
     import asyncio
 
     state = SimpleNamespace(openai_serving_chat=FakeServing(), openai_serving_completion=FakeServing())
-    vllm_adapter.intercept_renders(state, hook)
-    vllm_adapter.intercept_renders(state, hook)  # idempotent
+    adapter_server.intercept_renders(state, hook)
+    adapter_server.intercept_renders(state, hook)  # idempotent
     assert asyncio.run(state.openai_serving_chat.render_chat_request("r")) == ("conv", ["r"])
     assert asyncio.run(state.openai_serving_completion.render_completion_request("r")) == ["r"]
     assert calls == ["chat", "completions"]
@@ -224,8 +240,8 @@ def test_proxy_surfaces_and_metadata_subset():
     src = inspect.getsource(decorators)
     assert "self.do_not_compile" in src and "if self.do_not_compile" in src
     assert hasattr(LlamaForCausalLM, "compute_logits") and hasattr(LlamaForCausalLM, "load_weights")
-    known = (set(vllm_adapter._CM_PER_REQUEST) | set(vllm_adapter._CM_PER_TOKEN) | set(vllm_adapter._CM_DROPPED)
-             | set(vllm_adapter._CM_REBUILT))
+    known = (set(metadata._CM_PER_REQUEST) | set(metadata._CM_PER_TOKEN) | set(metadata._CM_DROPPED)
+             | set(metadata._CM_REBUILT))
     assert {f.name for f in dataclasses.fields(CommonAttentionMetadata)} <= known, "new metadata fields: cut them"
 
     qsl = torch.tensor([0, 4, 5, 9, 10], dtype=torch.int32)  # 4 requests: 4, 1, 4, 1 tokens
@@ -235,7 +251,7 @@ def test_proxy_surfaces_and_metadata_subset():
         block_table_tensor=torch.arange(8, dtype=torch.int32).reshape(4, 2), slot_mapping=torch.arange(100, 110),
         positions=torch.tensor([0, 1, 2, 3, 6, 0, 1, 2, 3, 8]), seq_lens_cpu_upper_bound=torch.tensor([4, 7, 4, 9]),
         is_prefilling=torch.tensor([True, False, True, False]))
-    sub, tokens = vllm_adapter.subset_common_metadata(cm, [1, 2])
+    sub, tokens = metadata.subset_common_metadata(cm, [1, 2])
     assert tokens.tolist() == [4, 5, 6, 7, 8]
     assert sub.query_start_loc_cpu.tolist() == [0, 1, 5] and sub.num_reqs == 2 and sub.num_actual_tokens == 5
     assert sub.seq_lens.tolist() == [7, 4] and sub.max_seq_len == 7 and sub.max_query_len == 4
@@ -256,17 +272,15 @@ def test_parallel_and_fault_surfaces():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from steerserve.patches import vllm_adapter as ad
-
     # no parallel state in this process: one rank
-    assert ad.tensor_parallel() == (0, 1)
+    assert parallel.tensor_parallel() == (0, 1)
     # the later pipeline stage's buffer, its assertion and who creates it
     assert "self.intermediate_tensors is not None" in inspect.getsource(GPUModelRunner.sync_and_gather_intermediate_tensors)
     assert "make_empty_intermediate_tensors" in inspect.getsource(GPUModelRunner._dummy_run)
-    ad.install_cpu_pipeline_fix()
-    ad.install_cpu_pipeline_fix()  # idempotent
+    runner.install_cpu_pipeline_fix()
+    runner.install_cpu_pipeline_fix()  # idempotent
     wrapped = CPUModelRunner.initialize_kv_cache
-    assert getattr(wrapped, ad._WRAPPED_MARK) and not getattr(wrapped.__wrapped__, ad._WRAPPED_MARK, False)
+    assert getattr(wrapped, WRAPPED_MARK) and not getattr(wrapped.__wrapped__, WRAPPED_MARK, False)
     # the engine-death flag read by `serve` after vLLM's server stopped
     assert "engine_dead" in {f.name for f in dataclasses.fields(BackgroundResources)}
 
@@ -274,30 +288,29 @@ def test_parallel_and_fault_surfaces():
         class engine_core:
             resources = BackgroundResources(ctx=None)
 
-    assert not ad.engine_dead(Client())
+    assert not adapter_server.engine_dead(Client())
     Client.engine_core.resources.engine_dead = True
-    assert ad.engine_dead(Client()) and not ad.engine_dead(object())
+    assert adapter_server.engine_dead(Client()) and not adapter_server.engine_dead(object())
 
 
 def test_engine_refuses_unsigned_plans_on_a_fake_runner(monkeypatch, caplog):
     """A plan without this server's signature (vllm_xargs through vLLM's other routes) runs
     unsteered and is logged once; it never reaches a forward pass."""
     from steerserve.patches import plan as plan_mod
-    from steerserve.patches import vllm_adapter as ad
-
     monkeypatch.setenv(plan_mod.PLAN_KEY_ENV, "secret")
     plan = SteerPlan(infosteer=InfoSteerPlan(layers=(0,), mode="scale", alpha=2.0))
     extras = [plan_mod.engine_args(plan), {"steer": plan.to_json()}, {"steer": "garbage"}]
-    runner = SimpleNamespace(
+    fake = SimpleNamespace(
         input_batch=SimpleNamespace(num_reqs=3, req_ids=["signed", "unsigned", "garbage"]),
         query_start_loc=SimpleNamespace(np=np.array([0, 2, 4, 6])),
         requests={rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
                   for rid, extra in zip(["signed", "unsigned", "garbage"], extras)},
     )
+    handle = SimpleNamespace(refused=set())
     with caplog.at_level("ERROR", logger="steerserve"):
-        ffn, *_ = ad.steered_row_entries(runner)
-        ad.steered_row_entries(runner)
-    assert [entry[0] for entry in ffn] == [plan.infosteer]
+        found = runner.step_requests(fake, handle)
+        runner.step_requests(fake, handle)
+    assert [p for p, _ in found] == [plan]
     refusals = [r for r in caplog.records if "running it unsteered" in r.getMessage()]
     assert len(refusals) == 2
 
@@ -330,7 +343,7 @@ def test_http_server_surfaces():
 
         config = uvicorn.Config(app, http=protocol, log_level="warning", lifespan="off")
         config.load()
-        config.http_protocol_class = vllm_adapter.with_header_timeout(config.http_protocol_class, 0.5)
+        config.http_protocol_class = adapter_server.with_header_timeout(config.http_protocol_class, 0.5)
         server = uvicorn.Server(config)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -366,10 +379,10 @@ def test_prefix_cache_hash_surfaces():
     hasher = kv_cache_utils.get_request_block_hasher(16, lambda x: b"")
     inner = hasher.__code__
     assert "generate_block_hash_extra_keys" in inner.co_names
-    vllm_adapter.install_prefix_cache_keys()
+    block_hash.install_prefix_cache_keys()
     wrapped = kv_cache_utils.generate_block_hash_extra_keys
     assert getattr(wrapped, "_steerserve_wrapped", False) and block_pool.generate_block_hash_extra_keys is wrapped
-    vllm_adapter.install_prefix_cache_keys()  # idempotent
+    block_hash.install_prefix_cache_keys()  # idempotent
     assert kv_cache_utils.generate_block_hash_extra_keys is wrapped
     original = inspect.signature(inspect.unwrap(wrapped))
     assert list(inspect.signature(wrapped).parameters) == list(original.parameters)
@@ -387,12 +400,12 @@ def test_route_enumeration_and_the_vllm_streaming_echo_bug_code(monkeypatch):
     from steerserve.server.model_store import ensure_embedded_model
 
     monkeypatch.setenv("VLLM_PLUGINS", "steerserve,steerserve_api")  # as `serve` sets it (cli.enable_plugins)
-    routes = vllm_adapter.served_routes(["--model", str(ensure_embedded_model())])
+    routes = adapter_server.served_routes(["--model", str(ensure_embedded_model())])
     paths = {p for _, p in routes}
     assert {"/invocations", "/tokenize", "/v1/chat/completions", "/v1/ab/feedback", "/health", "/metrics"} <= paths
     source = inspect.getsource(OpenAIServingCompletion._create_completion_logprobs)
     assert "step_top_logprobs[token_id]" in source
     bug = SimpleNamespace(stream=True, echo=True, logprobs=1, n=4)
-    assert vllm_adapter.refused_by_vllm_bug(bug)[0] == "n"
+    assert adapter_server.refused_by_vllm_bug(bug)[0] == "n"
     for ok in (dict(n=1), dict(stream=False), dict(echo=False), dict(logprobs=None)):
-        assert vllm_adapter.refused_by_vllm_bug(SimpleNamespace(**{**vars(bug), **ok})) is None
+        assert adapter_server.refused_by_vllm_bug(SimpleNamespace(**{**vars(bug), **ok})) is None

@@ -2,7 +2,7 @@
 
 - Forward intervention: on the chosen layers, each token's FFN memory coefficients (the input of
   `down_proj`) are rewritten by the same `lift` formula the server applies at inference
-  (`steerserve.patches.infosteer.apply_one`): the m = floor(p * d_ffn) smallest coefficients are set
+  (`steerserve.patches.steers.infosteer.formulas.apply_one`): the m = floor(p * d_ffn) smallest coefficients are set
   to alpha times the token's mean coefficient. Gradients flow through the rewritten tensor.
 - Regulariser: L = L_LM - lambda * sum_l H(k_hat_l), with H the mean over the batch's real (non-pad)
   tokens of the entropy of k_hat = |c| / sum |c| on each chosen layer l
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steerserve.patches import infosteer
+from steerserve.patches.steers.infosteer import formulas as infosteer
 
 _DOWN_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$")
 

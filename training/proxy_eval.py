@@ -9,7 +9,7 @@ Scoring: chat-formatted ranked classification, zero-shot: the user turn is the t
 log-likelihood of its tokens after the rendered generation prompt; accuracy is by the raw sum and
 by the per-character normalised sum (OLMES' `acc_per_char`). The three proxy models see the same
 tokens (as in the engine). Hugging Face models in float32; the proxy arithmetic is
-`patches.reference.proxy_combine`, the function the engine's parity tests check the engine against.
+`patches.steers.proxy.reference.proxy_combine`, the function the engine's parity tests check the engine against.
 Standard errors are binomial, sqrt(p (1 - p) / n); the majority-class rate is reported for
 reference. For one-token answers (BoolQ's yes/no) the raw sum is the meaningful metric: per-character
 normalisation favours the longer word.
@@ -65,7 +65,7 @@ def _continuation_logits(model, batch: list[list[int]], keep: int) -> torch.Tens
 def choice_scores(models: dict, items, tokenizer, alphas: list[float], batch_size: int) -> dict[str, dict]:
     """Per configuration, {(item, choice): log-likelihood of the choice's tokens}. `models`: base,
     expert, anti_expert and optionally tuned."""
-    from steerserve.patches.reference import proxy_combine
+    from steerserve.patches.steers.proxy.reference import proxy_combine
 
     configs = ["base", "expert"] + [f"proxy a={a:g}" for a in alphas] + (["tuned"] if "tuned" in models else [])
     # sequences: prompt + each choice's tokens; logits of the positions predicting the choice tokens

@@ -141,6 +141,12 @@ class Steer:
                  runs when the request has no `steer.<name>`, with spec None)
     hints        extra words for pydantic's messages, by field name ("" for the value itself)
     summary      one line for /openapi.json and the client builder's docstrings
+    engine       the module whose `ENGINE` (a `steers.engine.SteerEngine`) runs the plan in the
+                 engine's workers, imported there only; None for steers the API server applies
+                 alone (such as the context indicator, which rewrites the prompt)
+    reference    the module of its pure-torch reference over Hugging Face models; with a
+                 `hooks(model, plans, pads, total_len)` context manager (row r steered by
+                 `plans[r]` or not) it joins `patches.reference.steered`
     """
 
     name: ClassVar[str]
@@ -150,6 +156,8 @@ class Steer:
     implied_by_model: ClassVar[bool] = False  # normalise runs without a spec too (spec None)
     hints: ClassVar[dict[str, str]] = {}
     summary: ClassVar[str] = ""
+    engine: ClassVar[str | None] = None
+    reference: ClassVar[str | None] = None
 
     # --- wire schema -----------------------------------------------------------------------
     def spec_type(self) -> Any:

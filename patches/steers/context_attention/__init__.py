@@ -1,7 +1,7 @@
 """Context attention steering: PASTA-style emphasis of the user's context (docs/steering.md, "Context
 attention"). Request side: the wire schema, the plan and its normalisation. The emphasised spans
 are resolved on the rendered prompt (`spans.py` here, driven by `prepare_request` and `on_render`);
-the engine pass is `patches/context_attention.py`."""
+the engine pass is `engine.py` here (paged-KV readers: `kv.py`)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,8 @@ def check_head_pairs(pairs: object, info: ModelInfo, field: str) -> tuple[tuple[
 
 class ContextAttention(Steer):
     name = "context_attention"
+    engine = __name__ + ".engine"
+    reference = __name__ + ".reference"
     Spec = ContextAttentionSpec
     Plan = ContextAttentionPlan
     summary = "user-context attention steering: scale attention to keys outside the emphasised spans by alpha"

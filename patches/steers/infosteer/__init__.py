@@ -1,5 +1,5 @@
 """InfoSteer: FFN memory amplification (docs/steering.md, "InfoSteer formulas"). Request side: the wire
-schema, the plan and its normalisation. The math is `patches/infosteer.py`."""
+schema, the plan and its normalisation. The math is `formulas.py`, the engine `engine.py`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ class InfoSteerPlan:
 
 class InfoSteer(Steer):
     name = "infosteer"
+    engine = __name__ + ".engine"
+    reference = __name__ + ".reference"
     Spec = InfoSteerSpec
     Plan = InfoSteerPlan
     summary = "FFN memory amplification: scale, top-k or lift the input of down_proj on chosen layers"

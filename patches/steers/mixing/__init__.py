@@ -1,7 +1,7 @@
 """TAIA parameter mixing with a tuned variant (docs/families.md). Request
 side: the wire schema, the plan and its normalisation, which asks the served family
 (`server/family.py`) what the variant is and how it is served. The engine's row routing is
-`patches/mixing.py`."""
+`engine.py` here."""
 
 from __future__ import annotations
 
@@ -11,6 +11,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from ..base import Prepared, ServingContext, Steer
+
+VARIANTS_ENV = "STEERSERVE_FULL_VARIANTS"  # JSON list of {"name", "path"}: the engine's full variants
+
+
+def full_variants_from_env() -> list[dict]:
+    """The fully fine-tuned variants the engine must hold, as declared by `steerserve serve`."""
+    import json
+    import os
+
+    text = os.environ.get(VARIANTS_ENV)
+    return json.loads(text) if text else []
+
 
 SHORTHANDS = ("taia", "tuned", "base", "ffn-only")
 
@@ -69,6 +81,7 @@ class MixingPlan:
 
 class Mixing(Steer):
     name = "mixing"
+    engine = __name__ + ".engine"
     Spec = MixingObject
     Plan = MixingPlan
     implied_by_model = True  # a request whose `model` names a variant gets its mix without `steer.mixing`

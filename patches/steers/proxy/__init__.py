@@ -1,6 +1,6 @@
 """Proxy tuning: next-token logits = base + alpha * (expert - anti_expert) with a pair the server
 loaded (docs/proxy.md). Request side: the wire schema, the plan and its normalisation,
-which asks the served family which pairs are loaded. The engine is `patches/proxy.py`."""
+which asks the served family which pairs are loaded. The engine is `engine.py` here."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..base import ServingContext, Steer, canonical_numbers
 
 ALPHA_MIN, ALPHA_MAX = -10.0, 10.0
+PAIRS_ENV = "STEERSERVE_PROXY_PAIRS"  # JSON list of {"name", "expert", "anti_expert"}: the engine's pairs
+
+
+def proxy_pairs_from_env() -> list[dict]:
+    """The proxy pairs the engine must hold, as declared by `steerserve serve`."""
+    import json
+    import os
+
+    text = os.environ.get(PAIRS_ENV)
+    return json.loads(text) if text else []
 
 
 class ProxySpec(BaseModel):
@@ -40,6 +50,8 @@ class ProxyPlan:
 
 class Proxy(Steer):
     name = "proxy"
+    engine = __name__ + ".engine"
+    reference = __name__ + ".reference"
     Spec = ProxySpec
     Plan = ProxyPlan
     summary = 'proxy tuning {"pair": name, "alpha": number}: logits = base + alpha * (expert - anti_expert)'

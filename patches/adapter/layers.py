@@ -1,0 +1,61 @@
+"""The FFN hook point (worker process): steerable MLPs.
+
+Surfaces: vLLM's Llama/Qwen2 gated MLP layout (`gate_up_proj`, `act_fn`, `down_proj`; under tensor
+parallelism `MergedColumnParallelLinear` gate/up and `RowParallelLinear` down) and
+`extract_layer_index`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..steers.engine import StepHandle, ffn_steer
+from .parallel import gather_last_dim, tensor_parallel
+
+
+def mlp_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, MLP module) for every vLLM gated MLP in `model`."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    found = []
+    for name, module in model.named_modules():
+        if name.endswith(".mlp") and all(hasattr(module, a) for a in ("gate_up_proj", "act_fn", "down_proj")):
+            found.append((extract_layer_index(name), module))
+    return found
+
+
+class _SteerableMLPMixin:
+    """forward = down_proj(hook(act(gate_up_proj(x)))); the hook is a no-op outside steered steps."""
+
+    steer_layer: int
+    steer_handle: StepHandle
+
+    def forward(self, x):
+        gate_up, _ = self.gate_up_proj(x)
+        coeffs = self.act_fn(gate_up)  # [num_tokens, d_ffn / tp]: the FFN memory coefficients
+        ffn_steer(coeffs, self.steer_handle.index, self.steer_layer)
+        out, _ = self.down_proj(coeffs)
+        return out
+
+
+_steerable_classes: dict[type, type] = {}
+
+
+def make_mlps_steerable(model: torch.nn.Module, handle: StepHandle) -> int:
+    """Swap every gated MLP of `model` for a steerable subclass of its own class, in place
+    (parameters untouched, called before weights load), calling `handle`'s FFN hook. Returns the
+    number of MLPs swapped. Under tensor parallelism each MLP holds a column slice of the FFN: the
+    handle gets the all-gather its engines need for whole-row statistics (`handle.shards`)."""
+    rank, world = tensor_parallel()
+    if world > 1:
+        handle.shards = (gather_last_dim(), rank)
+    swapped = 0
+    for layer, mlp in mlp_modules(model):
+        cls = type(mlp)
+        if cls not in _steerable_classes:
+            _steerable_classes[cls] = type(f"Steerable{cls.__name__}", (_SteerableMLPMixin, cls), {})
+        mlp.__class__ = _steerable_classes[cls]
+        mlp.steer_layer = layer
+        mlp.steer_handle = handle
+        swapped += 1
+    return swapped

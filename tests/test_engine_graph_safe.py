@@ -1,0 +1,78 @@
+"""Graph-safe steps in a real vLLM engine (eager, float32; `additional_config={"steerserve":
+{"graph_safe_steps": true}}`): InfoSteer is served by the fixed op reading persistent buffers
+every step (no eager InfoSteer state), with the same guarantees as the eager path: unsteered
+neighbours bit-identical, a neutral plan bit-identical to none, logprobs equal to the Hugging Face
+reference; a step over the buffers' capacity runs on the eager path."""
+
+import os
+
+import pytest
+import torch
+from conftest import close_engine, make_engine, model_info
+from engine_checks import (
+    check_mixed_batch_bit_identical, check_neutral_identity, check_reference_parity, plans, run,
+)
+
+from steerserve.patches.steers.engine import SETTINGS_KEY, handle_stats
+
+pytestmark = pytest.mark.engine
+
+SORTED_ROWS = 16  # top-k / lift rows per step: decode steps fit, a 20-token top-k prefill does not
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    key = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # LLM.apply_model ships a function to the worker
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        engine = make_engine(tiny_llama, additional_config={
+            SETTINGS_KEY: {"graph_safe_steps": True, "graph_sorted_rows": SORTED_ROWS}})
+        yield engine
+        close_engine(engine)
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+def stats(llm) -> dict:
+    (out,) = llm.apply_model(handle_stats)
+    return out
+
+
+def test_graph_mode_is_on(llm):
+    s = stats(llm)
+    assert s["graph_safe_steps"] and s["buffers"] == ["infosteer"]
+
+
+def test_mixed_batch_unsteered_rows_bit_identical(llm, tiny_llama):
+    check_mixed_batch_bit_identical(llm, model_info(tiny_llama))
+
+
+def test_neutral_plan_bit_identical(llm, tiny_llama):
+    check_neutral_identity(llm, model_info(tiny_llama))
+
+
+def test_logprobs_match_hf_reference(llm, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="eager").eval()
+    check_reference_parity(llm, hf, model_info(tiny_llama))
+
+
+def test_the_fixed_op_served_infosteer(llm, tiny_llama):
+    """Scale requests always fit the buffers: every step with InfoSteer rows was served by the fixed
+    op. Top-k and lift prefills of more than SORTED_ROWS tokens ran eagerly; their decode steps fit."""
+    before = stats(llm)
+    p = plans(model_info(tiny_llama))
+    run(llm, [("Name three colours.", p["scale"]), ("Count to five.", None)])
+    after = stats(llm)
+    graph_steps = after["graph_safe"].get("infosteer", 0) - before["graph_safe"].get("infosteer", 0)
+    eager_steps = after["eager"].get("infosteer", 0) - before["eager"].get("infosteer", 0)
+    assert graph_steps >= 12 and eager_steps == 0, (graph_steps, eager_steps)
+    run(llm, [("Spell the word kaleidoscope, letter by letter, slowly, and then spell it backwards too.", p["topk"])])
+    final = stats(llm)
+    assert final["eager"].get("infosteer", 0) - after["eager"].get("infosteer", 0) >= 1  # the prefill
+    assert final["graph_safe"]["infosteer"] - after["graph_safe"]["infosteer"] >= 11  # the decode steps
