@@ -68,20 +68,25 @@ def timed_generate(llm, prompts: list[list[int]], plans: list, max_tokens: int, 
 
 
 def measure_engine(path: Path, prompts: list[list[int]], max_tokens: int, workloads: dict, label: str,
-                   repeats: int, dtype: str, compile_: bool = False, tokenizer: Path | None = None):
+                   repeats: int, dtype: str, compile_: bool = False, tokenizer: Path | None = None,
+                   settings: dict | None = None):
     """One steerable engine on `path`: a warm-up, then `interleaved_rounds` of `workloads`; the engine is
-    shut down after. Returns (wall times per workload, per-request decode times per workload)."""
+    shut down after. `settings`: the engine settings (full variants, proxy pairs; what `steerserve
+    serve` passes as `--additional-config`). Returns (wall times per workload, per-request decode
+    times per workload)."""
     from vllm import LLM
 
     from steerserve.patches import STEERABLE_ARCHITECTURES
     from steerserve.patches.adapter.runner import shutdown_engine
+    from steerserve.patches.steers.base import SETTINGS_KEY
 
     arch = json.loads((path / "config.json").read_text())["architectures"][0]
     n = len(prompts)
     llm = LLM(model=str(path), tokenizer=str(tokenizer or path), dtype=dtype, enforce_eager=not compile_,
               max_model_len=1024, kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
               disable_log_stats=False,  # per-request timestamps for the per-row ratios
-              hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]})
+              hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
+              additional_config={SETTINGS_KEY: settings} if settings else None)
     decode: dict[str, list[list[float]]] = {}
 
     def run(plans, name):

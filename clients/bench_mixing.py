@@ -46,12 +46,10 @@ def perturbed_variant(model_dir: Path, out: Path, scale: float = 0.02) -> Path:
 
 
 def run_mixing_bench(args: argparse.Namespace) -> dict:
-    import os
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steerserve.patches.steers.mixing import VARIANTS_ENV
+    from steerserve.patches.steers.mixing import VARIANTS_SETTING
     from steerserve.patches.plan import MixingPlan, SteerPlan
     from steerserve.server.model_store import ensure_embedded_model
     from steerserve.training.export import merge_full
@@ -68,21 +66,16 @@ def run_mixing_bench(args: argparse.Namespace) -> dict:
     tuned_plan = SteerPlan(mixing=MixingPlan("v", "tuned", "tuned", via="weights", index=0))
     taia_plan = SteerPlan(mixing=MixingPlan("v", "tuned", "base", via="weights", index=0))
 
-    def measure(workloads: dict, label: str) -> tuple[dict, dict]:
-        return measure_engine(model_dir, prompts, T, workloads, label, args.repeats, args.dtype)
+    def measure(workloads: dict, label: str, settings: dict | None = None) -> tuple[dict, dict]:
+        return measure_engine(model_dir, prompts, T, workloads, label, args.repeats, args.dtype, settings=settings)
 
     _log(f"engine 1/2: {model_dir.name} without variants, {args.dtype}, eager; {n} requests x {T} tokens")
-    os.environ.pop(VARIANTS_ENV, None)
     t1, _ = measure({"plain": [None] * n, "plain_control": [None] * n}, "no variants:")
     _log(f"engine 2/2: with the variant {variant}")
-    os.environ[VARIANTS_ENV] = json.dumps([{"name": "v", "path": str(variant)}])
-    try:
-        w2 = {"plain": [None] * n, "all_tuned": [tuned_plan] * n, "all_taia": [taia_plan] * n,
-              "tuned_taia_half": [tuned_plan if i % 2 else taia_plan for i in range(n)],
-              "quarter_taia": [taia_plan if i % 4 == 0 else None for i in range(n)]}
-        t2, decode2 = measure(w2, "variant loaded:")
-    finally:
-        os.environ.pop(VARIANTS_ENV, None)
+    w2 = {"plain": [None] * n, "all_tuned": [tuned_plan] * n, "all_taia": [taia_plan] * n,
+          "tuned_taia_half": [tuned_plan if i % 2 else taia_plan for i in range(n)],
+          "quarter_taia": [taia_plan if i % 4 == 0 else None for i in range(n)]}
+    t2, decode2 = measure(w2, "variant loaded:", {VARIANTS_SETTING: [{"name": "v", "path": str(variant)}]})
 
     def tps(times):
         return n * T / statistics.median(times)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,7 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from steerserve.patches.plan import ProxyPlan, SteerPlan
-    from steerserve.patches.steers.proxy import PAIRS_ENV
+    from steerserve.patches.steers.proxy import PAIRS_SETTING
     from steerserve.patches.reference import greedy_generate
     from steerserve.patches.steers.proxy.reference import proxy_generate
     from steerserve.server.model_store import ensure_embedded_model
@@ -64,11 +63,11 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
         expert, anti = stand_in_pair(model_dir, Path(scratch.name))
     plan = SteerPlan(proxy=ProxyPlan("pair", args.proxy_alpha))
 
-    def measure(path: Path, workloads: dict, label: str) -> tuple[dict, dict]:
-        return measure_engine(path, prompts, T, workloads, label, args.repeats, args.dtype, args.compile, model_dir)
+    def measure(path: Path, workloads: dict, label: str, settings: dict | None = None) -> tuple[dict, dict]:
+        return measure_engine(path, prompts, T, workloads, label, args.repeats, args.dtype, args.compile, model_dir,
+                              settings)
 
     mode = "compiled" if args.compile else "eager"
-    os.environ.pop(PAIRS_ENV, None)
     _log(f"engine 1/4: {model_dir.name} alone, {args.dtype}, {mode}; {n} requests x {T} tokens")
     t_base, _ = measure(model_dir, {"plain": [None] * n, "plain_control": [None] * n}, "base alone:")
     _log(f"engine 2/4: the expert alone ({expert})")
@@ -76,13 +75,10 @@ def run_proxy_bench(args: argparse.Namespace) -> dict:
     _log(f"engine 3/4: the anti-expert alone ({anti})")
     t_anti, _ = measure(anti, {"plain": [None] * n}, "anti-expert alone:")
     _log("engine 4/4: the base holding the pair")
-    os.environ[PAIRS_ENV] = json.dumps([{"name": "pair", "expert": str(expert), "anti_expert": str(anti)}])
-    try:
-        w = {"plain": [None] * n, "all_proxy": [plan] * n,
-             "quarter_proxy": [plan if i % 4 == 0 else None for i in range(n)]}
-        t_pair, decode = measure(model_dir, w, "pair loaded:")
-    finally:
-        os.environ.pop(PAIRS_ENV, None)
+    w = {"plain": [None] * n, "all_proxy": [plan] * n,
+         "quarter_proxy": [plan if i % 4 == 0 else None for i in range(n)]}
+    t_pair, decode = measure(model_dir, w, "pair loaded:",
+                             {PAIRS_SETTING: [{"name": "pair", "expert": str(expert), "anti_expert": str(anti)}]})
 
     def med(times):
         return statistics.median(times)

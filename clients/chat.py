@@ -2,6 +2,7 @@
 
     steerserve chat "What is the capital of France?" --infosteer-alpha 1.5 --infosteer-layers 0,1,2
     steerserve chat "Passage: ... Question: ..." --context-alpha 0.5 --context-heads default
+    steerserve chat "Hello" --steer '{"mixing": "taia", "proxy": {"alpha": 0.5}}' 
     steerserve chat            # interactive: one prompt per line, empty line or Ctrl-D to quit
 """
 
@@ -12,7 +13,17 @@ import json
 import os
 import sys
 
+from steerserve.patches.steers import STEERS
+
 from .steer import Steer
+
+
+def _steer_help() -> str:
+    """The `--steer` help, from the steer registry: every steer's wire name and summary."""
+    lines = [f"{s.name}: {s.summary}" for s in STEERS]
+    return ("the whole steer object as JSON, e.g. '{\"mixing\": \"taia\", \"proxy\": {\"alpha\": 0.5}}' "
+            "(the flags below set their steer on top); steers: " + "; ".join(lines) + "; profile: a server-side "
+            "profile name; experiment: an A/B experiment name")
 
 
 def add_chat_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +39,7 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stream", dest="stream", action="store_false", help="wait for the whole answer")
     p.add_argument("--show-steer", action="store_true", help="print the server's steering echo")
+    p.add_argument("--steer", default=None, metavar="JSON", help=_steer_help())
     g = p.add_argument_group("InfoSteer (FFN memory amplification)")
     g.add_argument("--infosteer-alpha", type=float, default=None, help="enable InfoSteer with this alpha [0, 10]")
     g.add_argument("--infosteer-mode", choices=["scale", "topk", "lift"], default="scale")
@@ -59,6 +71,11 @@ def _heads(text: str | None):
 def steer_from_args(args: argparse.Namespace) -> Steer | None:
     steer = Steer()
     used = False
+    if getattr(args, "steer", None):
+        body = json.loads(args.steer)
+        if not isinstance(body, dict):
+            raise ValueError("--steer takes a JSON object")
+        steer, used = Steer.from_dict(body), True
     if args.infosteer_alpha is not None:
         steer = steer.infosteer(alpha=args.infosteer_alpha, mode=args.infosteer_mode,
                                 layers=_layers(args.infosteer_layers), k=args.infosteer_k, p=args.infosteer_p)

@@ -155,7 +155,9 @@ async def run_load(base_url: str, model: str, clients: int = 64, disconnect_frac
     fast engine finished the dropped requests: then it is reported, not judged)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     disconnect_every = round(1 / disconnect_fraction) if disconnect_fraction > 0 else 0
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    # idle pooled connections are dropped after 1 s: a server closes idle keep-alive connections
+    # after its header timeout (3 s on the test server), and reusing one it is closing is a read error
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8, keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits) as client:
         report: dict = {"clients": clients, "max_tokens": max_tokens, "abort_max_tokens": abort_max_tokens}
         if pid is not None:  # a first round grows the allocators to their working size

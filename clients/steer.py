@@ -45,6 +45,27 @@ class Steer:
     def __dir__(self):
         return [*super().__dir__(), *BY_NAME]
 
+    def set(self, name: str, value: Any) -> Steer:
+        """Set `steer.<name>` to a JSON value (an object, a shorthand string, a bool: what the wire
+        takes), validated with the steer's Spec; `profile` and `experiment` take their name."""
+        if name in ("profile", "experiment"):
+            return getattr(self, name)(value)
+        steer = BY_NAME.get(name)
+        if steer is None:
+            raise ValueError(f"unknown steer {name!r}; steers: {', '.join(BY_NAME)} (and profile, experiment)")
+        from pydantic import BaseModel, TypeAdapter
+
+        checked = TypeAdapter(steer.spec_type()).validate_python(value)
+        return self._with(name, checked.model_dump(exclude_none=True) if isinstance(checked, BaseModel) else checked)
+
+    @classmethod
+    def from_dict(cls, body: dict) -> Steer:
+        """A builder holding the `steer` object `body` (each field validated as by `set`)."""
+        steer = cls()
+        for name, value in body.items():
+            steer = steer.set(name, value)
+        return steer
+
     def profile(self, name: str) -> Steer:
         """Use a server-side profile (the other steers set here override its fields)."""
         if not isinstance(name, str):

@@ -18,9 +18,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from .adapter.block_hash import install_prefix_cache_keys
-    from .adapter.metadata import install_metadata_recorder
     from .adapter.runner import install_cpu_pipeline_fix, install_runner_hook
-    from .steers.proxy import proxy_pairs_from_env
 
     supported = set(ModelRegistry.get_supported_archs())
     for steerable in STEERABLE_ARCHITECTURES.values():
@@ -29,5 +27,3 @@ def register() -> None:
     install_runner_hook()
     install_cpu_pipeline_fix()
     install_prefix_cache_keys()
-    if proxy_pairs_from_env():
-        install_metadata_recorder()  # proxy sub-models' attention metadata is cut from each step's

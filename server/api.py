@@ -26,12 +26,12 @@ from starlette.datastructures import State
 
 from steerserve.patches.plan import EXTRA_ARGS_KEY, SIGNATURE_KEY, SteerPlan, engine_args
 
-from steerserve.patches.steers import BY_NAME, ServingContext
+from steerserve.patches.steers import BY_NAME
 from steerserve.patches.steers.base import RenderedPrompt
 
 from . import auth, family, feedback, limits, metrics
 from .experiments import UNIT_HEADER, resolve_experiment
-from .schema import SteerError, normalise, resolve_profile
+from .schema import SteerError, normalise, plan_for, resolve_profile, serving_context
 from steerserve.patches.adapter.server import (
     engine_input_text, http_surface, intercept_renders, refused_by_vllm_bug, render_chat_text, renderer_tokenizer,
     served_models_listing,
@@ -130,8 +130,8 @@ def apply_steer(request, raw: object, state: State, unit: str | None = None, end
     raw, experiment = resolve_experiment(raw, config.experiments, unit)
     raw, profile = resolve_profile(raw, config.profiles)
     requested_model = getattr(request, "model", None)
-    plan = normalise(raw, state.steerserve_model_info, config.head_sets, endpoint, model=requested_model)
-    ctx = ServingContext(state.steerserve_model_info, config.head_sets, endpoint, requested_model, family.current())
+    ctx = serving_context(state.steerserve_model_info, config.head_sets, endpoint, requested_model)
+    plan = plan_for(raw, ctx)
     pending, response_model = {}, None
     for name, steer_plan in plan.steers.items():
         prepared = BY_NAME[name].prepare_request(request, steer_plan, ctx)

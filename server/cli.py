@@ -342,6 +342,11 @@ def serve(args: argparse.Namespace) -> None:
     if args.distributed_executor_backend != "ray":  # Ray places ranks on its own nodes' cores
         _bind_cpu_ranks(args.tensor_parallel_size * args.pipeline_parallel_size)
     variant_argv = _family.vllm_args(fam)
+    settings = _family.engine_settings(fam)
+    if settings:  # to every engine process, in its VllmConfig (patches/steers/base.SETTINGS_KEY)
+        from steerserve.patches.steers.base import SETTINGS_KEY
+
+        variant_argv += ["--additional-config", json.dumps({SETTINGS_KEY: settings})]
     _family.set_current(fam)
     if fam.variants:
         print("[steerserve] variants: " + ", ".join(
@@ -374,7 +379,8 @@ def serve(args: argparse.Namespace) -> None:
     os.environ.setdefault(PLAN_KEY_ENV, secrets.token_hex(32))
     if args.distributed_executor_backend == "ray":
         # Ray workers on other nodes do not inherit this process's environment: have vLLM copy
-        # steerserve's settings (variants, proxy pairs, head sets, plan key) to them
+        # steerserve's settings (head sets, plan key; variants and proxy pairs travel in the
+        # VllmConfig) to them
         prefixes = [p for p in os.environ.get("VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY", "").split(",") if p]
         os.environ["VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"] = ",".join(dict.fromkeys([*prefixes, "STEERSERVE_"]))
     from steerserve.server import auth

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from steerserve.patches.steers.mixing import VARIANTS_ENV
 from steerserve.patches.plan import MixingPlan, ProxyPlan
-from steerserve.patches.steers.proxy import PAIRS_ENV
 from steerserve.patches.steers.base import SteerError
-from steerserve.patches.steers.proxy import ALPHA_MAX, ALPHA_MIN
+from steerserve.patches.steers.mixing import VARIANTS_SETTING
+from steerserve.patches.steers.proxy import PAIRS_SETTING
 
-from .limits import ECHO_CAP, shown
+from .limits import shown
 
 FAMILY_ENV = "STEERSERVE_FAMILY"
 LABELS = {"taia": ("tuned", "base"), "tuned": ("tuned", "tuned"), "base": ("base", "base"),
@@ -117,8 +115,9 @@ class Family:
 
     # --- requests ---------------------------------------------------------------------------
     def resolve(self, raw, model: str | None) -> tuple[MixingPlan | None, str | None]:
-        """`steer.mixing` (raw value, or None) and the request's `model` -> (plan, the model name to
-        hand to vLLM, or None to keep the request's). Raises MixingError naming the field."""
+        """`steer.mixing` (its value after the wire schema: a shorthand or an object's fields; or
+        None) and the request's `model` -> (plan, the model name to hand to vLLM, or None to keep
+        the request's). Raises MixingError naming the field."""
         named, implied = self.variant_for_model(model)
         if raw is None and named is None:
             return None, None
@@ -143,24 +142,11 @@ class Family:
         if implied is not None:
             raise MixingError(FIELD, f"the request's model already selects the {implied!r} mix of "
                                      f"{named.name!r}; name the variant itself ({named.name!r}) to mix")
+        # `raw` passed the wire schema (patches/steers/mixing: MixingValue): a shorthand or an object
         if isinstance(raw, str):
-            if raw not in LABELS:
-                raise MixingError(FIELD, f"unknown shorthand {shown(raw)}; allowed: {', '.join(LABELS)} or an object "
-                                         '{"variant", "attention": "tuned"|"base", "ffn": "tuned"|"base"}')
             name, attention, ffn = None, *LABELS[raw]
-        elif isinstance(raw, dict):
-            unknown = sorted(set(raw) - {"variant", "attention", "ffn"})
-            if unknown:
-                raise MixingError(f"{FIELD}.{unknown[0][:ECHO_CAP]}", "unknown field; allowed: variant, attention, ffn")
-            name = raw.get("variant")
-            if name is not None and not isinstance(name, str):
-                raise MixingError(f"{FIELD}.variant", "must be a string naming a tuned variant")
-            attention, ffn = raw.get("attention", "tuned"), raw.get("ffn", "tuned")
-            for key, value in (("attention", attention), ("ffn", ffn)):
-                if value not in ("tuned", "base"):
-                    raise MixingError(f"{FIELD}.{key}", f'must be "tuned" or "base", got {shown(value)}')
         else:
-            raise MixingError(FIELD, f"must be a string or an object, got {type(raw).__name__}")
+            name, attention, ffn = raw.get("variant"), raw.get("attention", "tuned"), raw.get("ffn", "tuned")
         label = next(k for k, v in LABELS.items() if v == (attention, ffn))
         if not self.variants:
             who = f"model {self.base_name!r}" if self.base_name else "the served model"
@@ -182,15 +168,10 @@ class Family:
                                               "steer.mixing.variant")
 
     def resolve_proxy(self, raw) -> ProxyPlan | None:
-        """`steer.proxy` (raw value, or None) -> the plan. Raises MixingError naming the field."""
+        """`steer.proxy` (its value after the wire schema, patches/steers/proxy: ProxySpec; or None)
+        -> the plan. Raises MixingError naming the field."""
         if raw is None:
             return None
-        if not isinstance(raw, dict):
-            raise MixingError(PROXY_FIELD, 'must be an object {"pair": name, "alpha": number}, got '
-                                           f"{type(raw).__name__}")
-        unknown = sorted(set(raw) - {"pair", "alpha"})
-        if unknown:
-            raise MixingError(f"{PROXY_FIELD}.{unknown[0][:ECHO_CAP]}", "unknown field; allowed: pair, alpha")
         if not self.proxies:
             who = f"model {self.base_name!r}" if self.base_name else "the served model"
             raise MixingError(PROXY_FIELD, f"{who} has no proxy pairs loaded (start the server with "
@@ -201,17 +182,10 @@ class Family:
                 raise MixingError(f"{PROXY_FIELD}.pair", "several proxy pairs are loaded; name one of "
                                                          f"{', '.join(sorted(self.proxies))}")
             name = next(iter(self.proxies))
-        if not isinstance(name, str):
-            raise MixingError(f"{PROXY_FIELD}.pair", f"must be a string naming a proxy pair, got {type(name).__name__}")
         if name not in self.proxies:
             raise MixingError(f"{PROXY_FIELD}.pair", f"unknown proxy pair {shown(name)}; loaded: "
                                                      f"{', '.join(sorted(self.proxies))}")
-        alpha = raw.get("alpha", 1.0)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
-                or not ALPHA_MIN <= alpha <= ALPHA_MAX:
-            raise MixingError(f"{PROXY_FIELD}.alpha", f"must be a number in [{ALPHA_MIN:g}, {ALPHA_MAX:g}] "
-                                                      f"(0 = the base alone, 1 = the paper's default), got {shown(alpha)}")
-        return ProxyPlan(name, float(alpha))
+        return ProxyPlan(name, float(raw.get("alpha", 1.0)))
 
     # --- serialisation ----------------------------------------------------------------------
     def to_json(self) -> str:
@@ -349,17 +323,21 @@ def prepare_family(values: list[str] | dict, base: Path, base_name: str, cache: 
     return family
 
 
-def vllm_args(family: Family) -> list[str]:
-    """vLLM server arguments for the family's LoRA variants (and the engine env for full ones)."""
+def engine_settings(family: Family) -> dict:
+    """The engine settings the family needs (`patches/steers/base.SETTINGS_KEY`): the fully
+    fine-tuned variants the engine loads and the proxy pairs it builds."""
+    settings: dict = {}
     full = [{"name": v.name, "path": v.path} for v in family.variants.values() if v.kind == "full"]
     if full:
-        os.environ[VARIANTS_ENV] = json.dumps(full)
-    else:
-        os.environ.pop(VARIANTS_ENV, None)
+        settings[VARIANTS_SETTING] = full
     if family.proxies:
-        os.environ[PAIRS_ENV] = json.dumps([asdict(p) for p in family.proxies.values()])
-    else:
-        os.environ.pop(PAIRS_ENV, None)
+        settings[PAIRS_SETTING] = [asdict(p) for p in family.proxies.values()]
+    return settings
+
+
+def vllm_args(family: Family) -> list[str]:
+    """vLLM server arguments for the family's LoRA variants (the engine settings for full variants
+    and proxy pairs are `engine_settings`); publishes the family to this (API server) process."""
     os.environ[FAMILY_ENV] = family.to_json()
     lora = [v for v in family.variants.values() if v.kind == "lora"]
     if not lora:

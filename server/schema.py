@@ -150,20 +150,31 @@ def resolve_profile(raw: object, profiles: dict[str, dict]) -> tuple[object, str
     return merged, name
 
 
+def serving_context(info: ModelInfo, head_sets: dict | None = None, endpoint: str = "chat",
+                    model: str | None = None) -> ServingContext:
+    """What the steers' `normalise` and `prepare_request` consult: the served model, its head sets
+    and family, the route (`endpoint`: "chat" or "completions") and the request's `model`."""
+    from . import family as _family
+
+    return ServingContext(info, head_sets or {}, endpoint, model, _family.current())
+
+
 def normalise(raw: object, info: ModelInfo, head_sets: dict | None = None, endpoint: str = "chat",
               model: str | None = None) -> SteerPlan:
     """Raw `steer` JSON (profile already resolved) -> the normalised plan (only the steers that do
     something). Context-attention spans are resolved later, on the rendered prompt (`spans`).
     `endpoint`: "chat" or "completions" (which emphasis modes are allowed); `model`: the request's
     `model` (a tuned variant's name selects it for mixing)."""
+    return plan_for(raw, serving_context(info, head_sets, endpoint, model))
+
+
+def plan_for(raw: object, ctx: ServingContext) -> SteerPlan:
+    """`normalise` in a serving context."""
     spec = parse_spec(raw)
     if spec.profile is not None:
         raise SteerError("steer.profile", "profiles cannot name other profiles")
     if spec.experiment is not None:
         raise SteerError("steer.experiment", "profiles cannot name experiments")
-    from . import family as _family
-
-    ctx = ServingContext(info, head_sets or {}, endpoint, model, _family.current())
     plans = {}
     for steer in STEERS:
         value = getattr(spec, steer.name)

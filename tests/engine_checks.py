@@ -6,9 +6,6 @@ of the same checkpoint for the pure-torch reference.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 
 import torch
 
@@ -236,16 +233,13 @@ def build_lora_family(base, root):
     return {"base": base, "adapter": root / "adapter", "taia": root / "adapter-taia", "root": root}
 
 
-@contextlib.contextmanager
-def variants_env(family):
-    """Declare the family's tuned checkpoint as the engine's variant 0 while an engine starts."""
-    from steerserve.patches.steers.mixing import VARIANTS_ENV
+def variant_settings(family) -> dict:
+    """Engine keyword arguments declaring the family's tuned checkpoint as the engine's variant 0
+    (the engine settings `steerserve serve` passes as `--additional-config`)."""
+    from steerserve.patches.steers.base import SETTINGS_KEY
+    from steerserve.patches.steers.mixing import VARIANTS_SETTING
 
-    os.environ[VARIANTS_ENV] = json.dumps([{"name": "chat", "path": str(family["tuned"])}])
-    try:
-        yield
-    finally:
-        del os.environ[VARIANTS_ENV]
+    return {"additional_config": {SETTINGS_KEY: {VARIANTS_SETTING: [{"name": "chat", "path": str(family["tuned"])}]}}}
 
 
 def mix(attention: str, ffn: str) -> SteerPlan:
@@ -288,3 +282,17 @@ def check_mixing_parity(llm, family) -> float:
             gen = models[name].generate(torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False)
         assert gen[0, len(prompt_ids):].tolist() == toks, name
     return worst
+
+
+def greedy_hf(path, prompt_ids, n=8, adapter=None):
+    """Greedy tokens of a Hugging Face checkpoint (with a LoRA adapter merged, if given)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()

@@ -125,7 +125,7 @@ def _third_party_imports(path: Path) -> set[str]:
 
 def test_vllm_is_reached_only_through_the_adapter():
     """Steer packages (request side and engines) never import vLLM: its private surfaces live in
-    patches/adapter/ (checked by tests/test_vllm_adapter.py); the plugin entry point and the
+    patches/adapter/ (checked by tests/engine/test_vllm_adapter.py); the plugin entry point and the
     steerable model classes are the only other places that name it."""
     allowed = {"steerserve.patches", "steerserve.patches.models"}
     offenders = sorted(name for name, path in _modules().items()

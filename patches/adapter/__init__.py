@@ -1,6 +1,6 @@
 """Every private vLLM surface steerserve touches, one module per subsystem (vLLM pinned to 0.32.0).
 
-`tests/test_vllm_adapter.py` checks each one against the installed vLLM and fails loudly when an
+`tests/engine/test_vllm_adapter.py` checks each one against the installed vLLM and fails loudly when an
 upgrade moves or renames it. Modules:
 
 - `runner`: `GPUModelRunner._model_forward` (V1 runner; `CPUModelRunner` subclasses it), the call

@@ -129,7 +129,7 @@ def refused_by_vllm_bug(request: Any) -> tuple[str, str] | None:
     event, else None (call it for completion requests only: a chat request's `logprobs` is a bool).
     Streaming /v1/completions with `echo`, `logprobs` and `n` > 1: a choice's first chunk can
     pair the prompt's token ids with logprobs that lack the prompt's entries (`KeyError` in
-    `_create_completion_logprobs`), on some requests (here: the first of each new prompt). `tests/test_reliability.py`
+    `_create_completion_logprobs`), on some requests (here: the first of each new prompt). `tests/server/test_reliability.py`
     checks that stock vLLM still fails it (through /invocations), so an upgrade that fixes it shows."""
     if getattr(request, "stream", False) and getattr(request, "echo", False) \
             and getattr(request, "logprobs", None) is not None and (getattr(request, "n", 1) or 1) > 1:

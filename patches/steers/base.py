@@ -19,6 +19,9 @@ from pydantic import BaseModel
 
 
 ECHO_CAP = 200  # characters of a client's value an error message repeats
+# The engines' settings travel as vLLM's `additional_config[SETTINGS_KEY]` (`--additional-config`),
+# which vLLM hands every worker in its `VllmConfig`: full variants, proxy pairs, graph-safe steps.
+SETTINGS_KEY = "steerserve"
 
 
 def shown(value: object, cap: int = ECHO_CAP) -> str:

@@ -32,6 +32,8 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 
+from .base import SETTINGS_KEY
+
 logger = logging.getLogger("steerserve")
 
 HOOKS = ("ffn_", "attention_", "after_forward", "replace_logits", "edit_logits")
@@ -83,6 +85,7 @@ class SteerEngine:
     `build_step` and the hooks they serve; a hook not overridden is never called."""
 
     name: ClassVar[str]
+    settings_keys: ClassVar[tuple[str, ...]] = ()  # the engine settings it reads (others are refused)
 
     def install(self, model: torch.nn.Module, handle: StepHandle) -> None:
         """After vLLM built `model` (before weights load). Idempotent."""
@@ -153,9 +156,6 @@ class Step:
 HANDLES: list[StepHandle] = []  # install-time table: a handle's index, for registered ops
 
 
-SETTINGS_KEY = "steerserve"  # vLLM's `additional_config[SETTINGS_KEY]`: the engines' settings
-
-
 def engine_settings(vllm_config: Any) -> dict:
     """The engines' settings the server passed through vLLM's `--additional-config`
     ({"steerserve": {...}}: full variants, proxy pairs, graph-safe steps)."""
@@ -171,11 +171,16 @@ class StepHandle:
     def __init__(self, engines: tuple[SteerEngine, ...], settings: dict | None = None):
         self.engines = engines
         self.settings = dict(settings or {})
+        known = {"graph_safe_steps", *(key for e in engines for key in e.settings_keys)}
+        unknown = sorted(set(self.settings) - known)
+        if unknown:
+            raise ValueError(f"unknown steerserve engine setting(s) {unknown}; known: {sorted(known)}")
         self.graph_safe = bool(self.settings.get("graph_safe_steps"))
         self.buffers: dict[str, Any] = {}  # engine name -> its persistent step buffers (graph mode)
         self.fixed_ffn: list[tuple[SteerEngine, Any]] = []  # (engine, buffers) of graph-safe FFN ops
         self._buffers_dirty = False
         self._overflow_logged: set[str] = set()
+        self.buffer_served: set[str] = set()  # engines whose buffers serve the current step
         # steps begun, and per engine the steps its graph-safe op / its eager state served
         self.stats: dict[str, Any] = {"steps": 0, "graph_safe": {}, "eager": {}}
         self.step: Step | None = None
@@ -214,6 +219,7 @@ class StepHandle:
         """Start a step: (SteerPlan, rows) per steered request. Sets and returns `self.step` (None
         when no engine has work)."""
         self.step = None
+        self.buffer_served = set()
         if not plans:
             self.clear_buffers()
             return None
@@ -227,19 +233,21 @@ class StepHandle:
                 if buffers.fill_(entries):
                     if entries:
                         self._count("graph_safe", engine.name)
-                    continue  # the graph-safe op serves this step
-                buffers.fill_([])
-                if engine.name not in self._overflow_logged:
-                    self._overflow_logged.add(engine.name)
-                    logger.warning("steerserve: %s: a step exceeded the graph-safe buffers' capacity; such steps run "
-                                   "on the eager path (logged once)", engine.name)
+                        self.buffer_served.add(engine.name)
+                else:
+                    buffers.fill_([])
+                    if engine.name not in self._overflow_logged:
+                        self._overflow_logged.add(engine.name)
+                        logger.warning("steerserve: %s: a step exceeded the graph-safe buffers' capacity; such steps "
+                                       "run on the eager path (logged once)", engine.name)
             if not entries:
                 continue
             state = engine.build_step(entries, shape, self)
             if state is None:
                 continue
             step.states[engine.name] = state
-            self._count("eager", engine.name)
+            if engine.name not in self.buffer_served:
+                self._count("eager", engine.name)
             for hook in HOOKS:
                 if type(engine).serves(hook):
                     step.calls.setdefault(hook, []).append((engine, state))

@@ -113,6 +113,7 @@ DEFAULT_GRAPH_SORTED_ROWS = 64  # top-k / lift token rows per step in graph mode
 
 class InfoSteerEngine(SteerEngine):
     name = "infosteer"
+    settings_keys = ("graph_sorted_rows",)
 
     def make_buffers(self, model, handle: StepHandle) -> graph.InfoSteerBuffers:
         config = model.steer_vllm_config
@@ -131,6 +132,8 @@ class InfoSteerEngine(SteerEngine):
         graph.apply_buffers_(x, buffers, layer, buffers.shards)
 
     def build_step(self, entries, shape: StepShape, handle: StepHandle) -> InfoSteerStep | None:
+        if self.name in handle.buffer_served:
+            return None  # graph mode: the fixed op reads this step from the buffers
         return build_groups(entries, shape.device, handle.shards)
 
     def ffn_(self, state: InfoSteerStep, x: torch.Tensor, layer: int) -> None:

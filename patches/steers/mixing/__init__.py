@@ -12,17 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from ..base import Prepared, ServingContext, Steer
 
-VARIANTS_ENV = "STEERSERVE_FULL_VARIANTS"  # JSON list of {"name", "path"}: the engine's full variants
-
-
-def full_variants_from_env() -> list[dict]:
-    """The fully fine-tuned variants the engine must hold, as declared by `steerserve serve`."""
-    import json
-    import os
-
-    text = os.environ.get(VARIANTS_ENV)
-    return json.loads(text) if text else []
-
+VARIANTS_SETTING = "full_variants"  # engine setting: [{"name", "path"}], the engine's full variants
 
 SHORTHANDS = ("taia", "tuned", "base", "ffn-only")
 

@@ -28,7 +28,7 @@ import torch
 
 from ...adapter import mixing as adapter
 from ..engine import HANDLES, RequestRows, SteerEngine, StepHandle, StepShape, slice_offset
-from . import MixingPlan, full_variants_from_env
+from . import VARIANTS_SETTING, MixingPlan, graph
 
 COMPONENTS = ("attention", "ffn")
 
@@ -139,9 +139,18 @@ def _mixing_state(module: torch.nn.Module) -> MixingStep | None:
 def _route_rows_(out: torch.Tensor, x: torch.Tensor, module: torch.nn.Module) -> None:
     """Overwrite the rows of `out` that this step routes to a variant at the site `module`,
     computed by the site's shadow for that variant from `x` (the site's input, or for a norm with a
-    residual the pre-norm sum)."""
+    residual the pre-norm sum): from the graph-safe buffers every step in graph mode, else (and for
+    steps over their capacity) from the step's state."""
+    buffers = module.steer_handle.buffers.get("mixing")
+    if buffers is not None:
+        shadows = module.__dict__.get("steer_shadow_list")
+        if shadows is None:
+            shadows = [adapter.shadow_for(module, v) for v in range(buffers.num_variants)]
+            module.steer_shadow_list = shadows
+        c = graph.COMPONENT_INDEX[module.steer_component]
+        graph.route_fixed_(out, x, shadows, buffers.rows[c], buffers.valid[c])
     state = _mixing_state(module)
-    if state is None:
+    if state is None or state.by_buffers:
         return
     for variant, rows, span in state.mix.groups(module.steer_component):
         shadow = adapter.shadow_for(module, variant)
@@ -167,7 +176,7 @@ def _(out: torch.Tensor, x: torch.Tensor, handle: int, site: int) -> None:
 def route_rows_(out: torch.Tensor, x: torch.Tensor, module: torch.nn.Module) -> None:
     if torch.compiler.is_compiling():
         route_rows_op_(out, x, module.steer_handle.index, module.steer_site)
-    elif module.steer_handle.step is not None:
+    elif module.steer_handle.step is not None or module.steer_handle.graph_safe:
         _route_rows_(out, x, module)
 
 
@@ -175,8 +184,8 @@ def whole_shadow(module: torch.nn.Module, num_rows: int) -> torch.nn.Module | No
     """Eager steps where one variant owns every row of this site's component: its shadow, which
     then runs alone (nothing to overwrite: no unmixed row exists). None otherwise, and always under
     torch.compile (there the registered op overwrites after the plain forward)."""
-    if torch.compiler.is_compiling():
-        return None
+    if torch.compiler.is_compiling() or module.steer_handle.graph_safe:
+        return None  # graph mode: every site runs its fixed routing
     state = _mixing_state(module)
     if state is None:
         return None
@@ -219,6 +228,8 @@ class MixableEmbeddingMixin:
         return out
 
 
+DEFAULT_GRAPH_MIXED_ROWS = 64  # routed token rows per component and variant per step in graph mode
+
 MIXINS = {"linear": MixableLinearMixin, "norm": MixableNormMixin, "embedding": MixableEmbeddingMixin}
 
 
@@ -231,13 +242,15 @@ class MixingStep:
 
     mix: StepMixing
     route: LogitsRoute | None = None
+    by_buffers: bool = False  # the sites were routed from the graph-safe buffers this step
 
 
 class MixingEngine(SteerEngine):
     name = "mixing"
+    settings_keys = (VARIANTS_SETTING, "graph_mixed_rows")
 
     def load_weights(self, model, handle: StepHandle, load) -> set[str]:
-        variants = full_variants_from_env()
+        variants = handle.settings.get(VARIANTS_SETTING) or []
         if variants:
             for module in adapter.load_variant_weights(model, load, variants, MIXINS):
                 module.steer_handle = handle
@@ -245,13 +258,21 @@ class MixingEngine(SteerEngine):
                 handle.modules.append(module)
         return set()
 
+    def make_buffers(self, model, handle: StepHandle) -> graph.MixingBuffers | None:
+        variants = handle.settings.get(VARIANTS_SETTING) or []
+        if not variants:
+            return None
+        capacity = int(handle.settings.get("graph_mixed_rows", DEFAULT_GRAPH_MIXED_ROWS))
+        return graph.MixingBuffers(len(variants), capacity, next(model.parameters()).device)
+
     def build_step(self, entries, shape: StepShape, handle: StepHandle) -> MixingStep | None:
+        # in graph mode the sites read the buffers; the step's state still routes the LM head
         mix = StepMixing.build(entries, shape.num_reqs, shape.device, shape.num_tokens)
-        return MixingStep(mix) if mix is not None else None
+        return MixingStep(mix, by_buffers=self.name in handle.buffer_served) if mix is not None else None
 
     def after_forward(self, state: MixingStep, model, out, input_ids, positions) -> MixingStep:
         # compute_logits runs after the forward: it routes the LM head by this step's rows
-        return MixingStep(state.mix, LogitsRoute(out, state.mix))
+        return MixingStep(state.mix, LogitsRoute(out, state.mix), state.by_buffers)
 
     def replace_logits(self, state: MixingStep, model, hidden_states):
         return adapter.whole_logits(model, hidden_states, state.route) if state.route is not None else None

@@ -11,16 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..base import ServingContext, Steer, canonical_numbers
 
 ALPHA_MIN, ALPHA_MAX = -10.0, 10.0
-PAIRS_ENV = "STEERSERVE_PROXY_PAIRS"  # JSON list of {"name", "expert", "anti_expert"}: the engine's pairs
-
-
-def proxy_pairs_from_env() -> list[dict]:
-    """The proxy pairs the engine must hold, as declared by `steerserve serve`."""
-    import json
-    import os
-
-    text = os.environ.get(PAIRS_ENV)
-    return json.loads(text) if text else []
+PAIRS_SETTING = "proxy_pairs"  # engine setting: [{"name", "expert", "anti_expert"}], the engine's pairs
 
 
 class ProxySpec(BaseModel):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...adapter import submodels
-from . import proxy_pairs_from_env
+from . import PAIRS_SETTING
 from ..engine import SteerEngine, StepHandle, StepShape, slice_offset
 
 logger = logging.getLogger("steerserve")
@@ -103,9 +103,10 @@ class ProxyStep:
 
 class ProxyEngine(SteerEngine):
     name = "proxy"
+    settings_keys = (PAIRS_SETTING,)
 
     def install(self, model, handle: StepHandle) -> None:
-        pairs = proxy_pairs_from_env()
+        pairs = handle.settings.get(PAIRS_SETTING) or []
         if pairs:
             submodels.build_proxy_models(model, model.steer_vllm_config, pairs)
 

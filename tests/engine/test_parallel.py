@@ -20,14 +20,13 @@ stock engines are collected, then those engines are shut down.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import pytest
 from conftest import close_engine, make_engine, model_info
 from engine_checks import (
     LOGPROB_TOL, PROMPTS, build_family, check_mixed_batch_bit_identical, check_mixing_parity,
-    check_reference_parity, hf, mix, perturbed_copy, plans, run, variants_env, with_spans,
+    check_reference_parity, hf, mix, perturbed_copy, plans, run, variant_settings, with_spans,
 )
 from tiny_models import build_tiny
 
@@ -73,8 +72,7 @@ def engine(model, family=None, **kw):
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = TWO_RANKS
     try:
-        with variants_env(family) if family is not None else contextlib.nullcontext():
-            llm = make_engine(model, **ENGINE, **kw)
+        llm = make_engine(model, **ENGINE, **(variant_settings(family) if family is not None else {}), **kw)
     finally:
         if old is None:
             del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
@@ -171,19 +169,15 @@ class TestTensorParallel:
 
 @pytest.fixture(scope="class")
 def proxy_tp2(tiny_llama, tmp_path_factory):
-    from steerserve.patches import register
-    from steerserve.patches.steers.proxy import PAIRS_ENV
+    from steerserve.patches.steers.base import SETTINGS_KEY
+    from steerserve.patches.steers.proxy import PAIRS_SETTING
 
     root = tmp_path_factory.mktemp("tp-proxy")
     anti = build_tiny("llama", root / "anti", seed=3, num_layers=2)
     expert = perturbed_copy(anti, root / "expert", seed=11, scale=0.3)
-    os.environ[PAIRS_ENV] = json.dumps([{"name": "task", "expert": str(expert), "anti_expert": str(anti)}])
-    try:
-        register()
-        with engine(tiny_llama, tensor_parallel_size=2) as llm:
-            yield llm, {"base": hf(tiny_llama), "expert": hf(expert), "anti": hf(anti)}
-    finally:
-        del os.environ[PAIRS_ENV]
+    pairs = [{"name": "task", "expert": str(expert), "anti_expert": str(anti)}]
+    with engine(tiny_llama, tensor_parallel_size=2, additional_config={SETTINGS_KEY: {PAIRS_SETTING: pairs}}) as llm:
+        yield llm, {"base": hf(tiny_llama), "expert": hf(expert), "anti": hf(anti)}
 
 
 class TestProxyTensorParallel:
@@ -289,7 +283,7 @@ class TestServeTensorParallel:
         tuned, r_tuned = complete("sft")
         assert taia != plain and tuned != plain and taia != tuned
         # the sharded LoRA layers give the single-device Hugging Face model's greedy tokens
-        from test_family_e2e import greedy_hf
+        from engine_checks import greedy_hf
 
         prompt_ids = list(r_taia.choices[0].prompt_token_ids)
         assert list(r_taia.choices[0].token_ids) == greedy_hf(tiny_llama, prompt_ids, adapter=root / "adapter-taia")

@@ -13,9 +13,6 @@ preempted requests are recomputed with their experts.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 
 import pytest
 import torch
@@ -24,7 +21,8 @@ from engine_checks import LOGPROB_TOL, PROMPTS, hf, perturbed_copy, prompt, run
 from tiny_models import build_tiny
 
 from steerserve.patches.plan import ProxyPlan, SteerPlan
-from steerserve.patches.steers.proxy import PAIRS_ENV
+from steerserve.patches.steers.base import SETTINGS_KEY
+from steerserve.patches.steers.proxy import PAIRS_SETTING
 from steerserve.patches.steers.proxy.reference import proxy_generate, proxy_token_logprobs
 
 pytestmark = pytest.mark.engine
@@ -42,24 +40,16 @@ def pairs(tiny_llama, tmp_path_factory):
     return {"base": tiny_llama, "task": (expert, anti), "other": (expert2, anti2)}
 
 
-@contextlib.contextmanager
-def pairs_env(pairs):
-    os.environ[PAIRS_ENV] = json.dumps([{"name": n, "expert": str(pairs[n][0]), "anti_expert": str(pairs[n][1])}
-                                        for n in ("task", "other")])
-    try:
-        yield
-    finally:
-        del os.environ[PAIRS_ENV]
+def pair_settings(pairs) -> dict:
+    """Engine keyword arguments declaring the two pairs (what `steerserve serve --proxy` passes)."""
+    declared = [{"name": n, "expert": str(pairs[n][0]), "anti_expert": str(pairs[n][1])} for n in ("task", "other")]
+    return {"additional_config": {SETTINGS_KEY: {PAIRS_SETTING: declared}}}
 
 
 @pytest.fixture(scope="module")
 def llm(pairs):
-    from steerserve.patches import register
-
-    with pairs_env(pairs):
-        register()  # this process's plugin registration (the engine core's runs with the env set)
-        engine = make_engine(pairs["base"], max_num_batched_tokens=64, max_model_len=256,
-                             num_gpu_blocks_override=NUM_BLOCKS, disable_log_stats=False)
+    engine = make_engine(pairs["base"], max_num_batched_tokens=64, max_model_len=256,
+                         num_gpu_blocks_override=NUM_BLOCKS, disable_log_stats=False, **pair_settings(pairs))
     yield engine
     close_engine(engine)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import close_engine, make_engine
-from engine_checks import LOGPROB_TOL, PROMPTS, build_family, check_mixing_parity, hf, mix, run, variants_env
+from engine_checks import LOGPROB_TOL, PROMPTS, build_family, check_mixing_parity, hf, mix, run, variant_settings
 
 
 pytestmark = pytest.mark.engine
@@ -27,8 +27,7 @@ def family(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(family):
-    with variants_env(family):
-        engine = make_engine(family["base"], max_num_batched_tokens=64, max_model_len=256)
+    engine = make_engine(family["base"], max_num_batched_tokens=64, max_model_len=256, **variant_settings(family))
     yield engine
     close_engine(engine)
 

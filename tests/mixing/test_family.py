@@ -45,14 +45,26 @@ def test_lora_mixes_pick_adapters():
     assert f.indicator_for("sft") == " [ctx]" and f.indicator_for("base") is None
 
 
+@pytest.mark.parametrize("raw,field,text", [
+    ("half", "steer.mixing", '"taia", "tuned", "base", "ffn-only" or an object'),
+    ({"variant": 1}, "steer.mixing.variant", "valid string"),
+    ({"attention": "all"}, "steer.mixing.attention", "'tuned' or 'base'"),
+    ({"bogus": 1}, "steer.mixing.bogus", "unknown field"),
+    (["taia"], "steer.mixing", "or an object"),
+])
+def test_mixing_shapes_are_the_schemas(raw, field, text):
+    """Shapes are checked once, by the wire schema (the steer's Spec), before the family resolves."""
+    from steerserve.patches.steers import SteerError
+    from steerserve.server.schema import parse_spec
+
+    with pytest.raises(SteerError, match=text) as err:
+        parse_spec({"mixing": raw})
+    assert err.value.field == field
+
+
 @pytest.mark.parametrize("family,raw,model,field,text", [
     (Family("base"), "taia", "base", "steer.mixing", "no tuned variant"),
-    (fam(FULL), "half", "base", "steer.mixing", "unknown shorthand"),
     (fam(FULL), {"variant": "x"}, "base", "steer.mixing.variant", "unknown variant"),
-    (fam(FULL), {"variant": 1}, "base", "steer.mixing.variant", "must be a string"),
-    (fam(FULL), {"attention": "all"}, "base", "steer.mixing.attention", "tuned"),
-    (fam(FULL), {"bogus": 1}, "base", "steer.mixing.bogus", "unknown field"),
-    (fam(FULL), ["taia"], "base", "steer.mixing", "string or an object"),
     (fam(FULL, LORA), "taia", "base", "steer.mixing.variant", "several tuned variants"),
     (fam(FULL, LORA), {"variant": "sft"}, "chat", "steer.mixing.variant", "not 'sft'"),
     (fam(FULL), "tuned", "chat:taia", "steer.mixing", "already selects"),
@@ -94,20 +106,27 @@ def test_proxy_resolution_and_errors():
     assert one.resolve_proxy({"pair": "task", "alpha": 0}) == ProxyPlan("task", 0.0)
     cases = [
         (Family("base"), {"pair": "task"}, "steer.proxy", "no proxy pairs loaded"),
-        (one, "task", "steer.proxy", "must be an object"),
         (one, {"pair": "nope"}, "steer.proxy.pair", "unknown proxy pair 'nope'; loaded: task"),
-        (one, {"pair": 3}, "steer.proxy.pair", "must be a string"),
         (two, {"alpha": 1}, "steer.proxy.pair", "several proxy pairs"),
-        (one, {"alpha": 11}, "steer.proxy.alpha", r"\[-10, 10\]"),
-        (one, {"alpha": float("nan")}, "steer.proxy.alpha", r"\[-10, 10\]"),
-        (one, {"alpha": True}, "steer.proxy.alpha", r"\[-10, 10\]"),
-        (one, {"alpha": "1"}, "steer.proxy.alpha", r"\[-10, 10\]"),
-        (one, {"pair": "task", "beta": 1}, "steer.proxy.beta", "unknown field"),
     ]
     for family, raw, field, text in cases:
         with pytest.raises(MixingError, match=text) as err:
             family.resolve_proxy(raw)
         assert err.value.field == field
+    # shapes and ranges: once, by the wire schema (ProxySpec), before the family resolves
+    from steerserve.patches.steers import SteerError
+    from steerserve.server.schema import parse_spec
+
+    for raw, field, text in [("task", "steer.proxy", "must be an object"),
+                             ({"pair": 3}, "steer.proxy.pair", "valid string"),
+                             ({"alpha": 11}, "steer.proxy.alpha", r"\[-10, 10\]"),
+                             ({"alpha": float("nan")}, "steer.proxy.alpha", "finite number"),
+                             ({"alpha": True}, "steer.proxy.alpha", "valid number"),
+                             ({"alpha": "1"}, "steer.proxy.alpha", "valid number"),
+                             ({"pair": "task", "beta": 1}, "steer.proxy.beta", "unknown field")]:
+        with pytest.raises(SteerError, match=text) as err:
+            parse_spec({"proxy": raw})
+        assert err.value.field == field, raw
     assert Family.from_json(two.to_json()) == two
 
 

@@ -115,6 +115,29 @@ def test_chat_context_attention_flags():
         "context_attention"]["heads"] == "default"
 
 
+def test_chat_steer_flag_covers_every_registered_steer():
+    """`--steer JSON` sets any steer of the registry (validated with its Spec); its help lists them."""
+    import argparse
+
+    import pydantic
+    import pytest
+
+    from steerserve.clients.chat import add_chat_args, steer_from_args
+    from steerserve.patches.steers import STEERS
+
+    p = argparse.ArgumentParser()
+    add_chat_args(p)
+    body = {"mixing": "taia", "proxy": {"alpha": 0.5}, "context_indicator": True, "profile": "concise"}
+    s = steer_from_args(p.parse_args(["hi", "--steer", json.dumps(body), "--infosteer-alpha", "1.5"])).to_dict()
+    assert s == {**body, "infosteer": {"alpha": 1.5, "mode": "scale", "layers": "all"}}
+    help_text = p.format_help()
+    assert all(steer.name in help_text for steer in STEERS)
+    with pytest.raises(pydantic.ValidationError):
+        steer_from_args(p.parse_args(["hi", "--steer", '{"proxy": {"alpha": 99}}']))
+    with pytest.raises(ValueError, match="unknown steer"):
+        steer_from_args(p.parse_args(["hi", "--steer", '{"vectors": {}}']))
+
+
 def _checkpoint(folder, heads=4, kv=2, width=256, layers=4):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({

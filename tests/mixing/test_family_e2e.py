@@ -9,9 +9,8 @@ import json
 import httpx
 import openai
 import pytest
-import torch
 from server_proc import running_server
-from engine_checks import build_lora_family, perturbed_copy
+from engine_checks import build_lora_family, greedy_hf, perturbed_copy
 
 from steerserve.training import checkpoints as ck
 from steerserve.training.export import export_taia
@@ -20,19 +19,6 @@ pytestmark = pytest.mark.e2e
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 SERVER_ARGS = ["--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "256", "--kv-cache-gb", "0.25"]
-
-
-def greedy_hf(path, prompt_ids, n=8, adapter=None):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
 
 
 def complete(client, model, steer=None, n=8):

@@ -1,8 +1,9 @@
 """Graph-safe steps in a real vLLM engine (eager, float32; `additional_config={"steerserve":
-{"graph_safe_steps": true}}`): InfoSteer is served by the fixed op reading persistent buffers
-every step (no eager InfoSteer state), with the same guarantees as the eager path: unsteered
-neighbours bit-identical, a neutral plan bit-identical to none, logprobs equal to the Hugging Face
-reference; a step over the buffers' capacity runs on the eager path."""
+{"graph_safe_steps": true, ...}}`, holding a fully fine-tuned variant): InfoSteer and TAIA mixing's
+routed sites are served by fixed ops reading persistent buffers every step, with the same
+guarantees as the eager path: unsteered neighbours bit-identical, a neutral plan bit-identical to
+none, logprobs equal to the Hugging Face references; a step over the buffers' capacity runs on the
+eager path."""
 
 import os
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from conftest import close_engine, make_engine, model_info
 from engine_checks import (
-    check_mixed_batch_bit_identical, check_neutral_identity, check_reference_parity, plans, run,
+    build_family, check_mixed_batch_bit_identical, check_mixing_parity, check_neutral_identity,
+    check_reference_parity, plans, run, variant_settings,
 )
 
 from steerserve.patches.steers.engine import SETTINGS_KEY, handle_stats
@@ -18,16 +20,23 @@ from steerserve.patches.steers.engine import SETTINGS_KEY, handle_stats
 pytestmark = pytest.mark.engine
 
 SORTED_ROWS = 16  # top-k / lift rows per step: decode steps fit, a 20-token top-k prefill does not
+MIXED_ROWS = 32  # routed rows per component and variant per step
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama):
+def family(tiny_llama, tmp_path_factory):
+    return build_family(tiny_llama, tmp_path_factory.mktemp("graph-family"))
+
+
+@pytest.fixture(scope="module")
+def llm(family):
     key = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # LLM.apply_model ships a function to the worker
     previous = os.environ.get(key)
     os.environ[key] = "1"
     try:
-        engine = make_engine(tiny_llama, additional_config={
-            SETTINGS_KEY: {"graph_safe_steps": True, "graph_sorted_rows": SORTED_ROWS}})
+        config = variant_settings(family)["additional_config"]
+        config[SETTINGS_KEY].update(graph_safe_steps=True, graph_sorted_rows=SORTED_ROWS, graph_mixed_rows=MIXED_ROWS)
+        engine = make_engine(family["base"], additional_config=config)
         yield engine
         close_engine(engine)
     finally:
@@ -44,7 +53,7 @@ def stats(llm) -> dict:
 
 def test_graph_mode_is_on(llm):
     s = stats(llm)
-    assert s["graph_safe_steps"] and s["buffers"] == ["infosteer"]
+    assert s["graph_safe_steps"] and s["buffers"] == ["infosteer", "mixing"]
 
 
 def test_mixed_batch_unsteered_rows_bit_identical(llm, tiny_llama):
@@ -76,3 +85,13 @@ def test_the_fixed_op_served_infosteer(llm, tiny_llama):
     final = stats(llm)
     assert final["eager"].get("infosteer", 0) - after["eager"].get("infosteer", 0) >= 1  # the prefill
     assert final["graph_safe"]["infosteer"] - after["graph_safe"]["infosteer"] >= 11  # the decode steps
+
+
+def test_taia_mixing(llm, family):
+    """TAIA / tuned / FFN-only rows equal the exported checkpoints' Hugging Face models and plain rows
+    stay bit-identical, with the routed sites served from the buffers (prefills of up to MIXED_ROWS
+    tokens too) and longer steps eagerly."""
+    before = stats(llm)
+    check_mixing_parity(llm, family)
+    after = stats(llm)
+    assert after["graph_safe"].get("mixing", 0) > before["graph_safe"].get("mixing", 0)

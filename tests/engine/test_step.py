@@ -159,3 +159,14 @@ def test_step_mixing_rows_and_logits_route():
     # a prompt-logprobs slice of the step's hidden states: by token offset
     assert {v: r.tolist() for v, r in route.rows_for(hidden[2:6]).items()} == {0: [0, 3]}
     assert route.rows_for(torch.randn(3, 4)) is None  # neither: not routed (logged by the adapter)
+
+
+def test_unknown_engine_settings_are_refused():
+    import pytest
+
+    from steerserve.patches.steers.proxy.engine import ENGINE as PROXY
+
+    StepHandle((INFOSTEER, MIXING, PROXY), {"graph_safe_steps": True, "graph_sorted_rows": 8, "full_variants": [],
+                                            "proxy_pairs": []})
+    with pytest.raises(ValueError, match=r"unknown steerserve engine setting\(s\) \['graph_safe_step'\]"):
+        StepHandle((INFOSTEER,), {"graph_safe_step": True})

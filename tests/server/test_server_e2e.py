@@ -459,7 +459,7 @@ def test_ab_compare_streaming(server):
         assert streamed["diverges_at"] == arm["diverges_at"]
 
 
-ARTIFACTS = Path(os.environ.get("STEERSERVE_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("STEERSERVE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 
 
 @pytest.fixture(scope="module")
@@ -567,7 +567,7 @@ def _readme_blocks(language: str) -> list[str]:
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
@@ -598,3 +598,22 @@ def test_readme_examples_run_as_written(server):
     out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
     body = json.loads(out.stdout)
     assert body["steer"]["applied"][0]["mode"] == "topk" and body["choices"][0]["text"], out.stdout[:500]
+
+
+def test_steering_doc_shell_examples_run_as_written(server):
+    """docs/steering.md's `steerserve chat` lines, run against this server (stdin closed: the
+    interactive one ends at once): each exits 0."""
+    import re
+    import shlex
+
+    env = {**os.environ, "STEERSERVE_API_KEY": API_KEY, "STEERSERVE_URL": f"{server}/v1"}
+    text = (Path(__file__).resolve().parents[2] / "docs" / "steering.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "steerserve chat" in b]
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("steerserve chat")]
+    assert len(commands) >= 4
+    for command in commands:
+        argv = shlex.split(command, comments=True)
+        assert "--max-tokens" in argv, command
+        out = subprocess.run([str(Path(sys.executable).parent / "steerserve"), *argv[1:]], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, (command, out.stdout[-500:], out.stderr[-1500:])

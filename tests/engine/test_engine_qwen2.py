@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import close_engine, make_engine, model_info
 from engine_checks import (
-    build_family, check_mixed_batch_bit_identical, check_mixing_parity, check_reference_parity, variants_env,
+    build_family, check_mixed_batch_bit_identical, check_mixing_parity, check_reference_parity, variant_settings,
 )
 
 pytestmark = pytest.mark.engine
@@ -18,8 +18,7 @@ def family(tiny_qwen2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(family):
-    with variants_env(family):
-        engine = make_engine(family["base"])
+    engine = make_engine(family["base"], **variant_settings(family))
     yield engine
     close_engine(engine)
 
