@@ -32,6 +32,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="engine and reference dtype (default bfloat16)")
     p.add_argument("--alpha", type=float, default=1.5, help="InfoSteer scale alpha of the shared configuration")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine (default eager)")
+    p.add_argument("--graph-safe", action="store_true",
+                   help="infosteer and context: run the engine with graph-safe steps (the steers that have a "
+                        "graph-safe form read persistent buffers through fixed ops every step; docs/gpu.md)")
     p.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face reference runs")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of engine workloads (default 3); speeds are medians, engine ratios are medians "
@@ -129,11 +132,15 @@ def run_bench(args: argparse.Namespace) -> dict:
         }
         hf_shared = shared
 
-    _log(f"engine: {model_dir.name}, {args.dtype}, {'compiled' if args.compile else 'eager'}; "
-         f"{n} requests x {T} tokens per run")
+    graph_safe = getattr(args, "graph_safe", False)
+    _log(f"engine: {model_dir.name}, {args.dtype}, {'compiled' if args.compile else 'eager'}"
+         f"{', graph-safe steps' if graph_safe else ''}; {n} requests x {T} tokens per run")
+    from steerserve.patches.steers.base import SETTINGS_KEY
+
     llm = LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=not args.compile, max_model_len=1024,
               kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0, disable_log_stats=False,
-              hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]})
+              hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
+              additional_config={SETTINGS_KEY: {"graph_safe_steps": True}} if graph_safe else {})
 
     decode_times: dict[str, list[list[float]]] = {}
 
@@ -143,7 +150,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     engine_run([None] * n)  # warm-up
     results: dict = {"config": {"model": model_dir.name, "steer": args.steer, "requests": n, "max_tokens": T,
                                 "prompt_tokens_mean": round(sum(map(len, prompts)) / n, 1), "dtype": args.dtype,
-                                "compiled": args.compile, "torch_threads": torch.get_num_threads()}, "runs": {}}
+                                "compiled": args.compile, "graph_safe": graph_safe,
+                                "torch_threads": torch.get_num_threads()}, "runs": {}}
     times = interleaved_rounds(workloads, args.repeats, engine_run, n * T, "engine")
     for name, dts in times.items():
         mid = statistics.median(dts)

@@ -86,7 +86,7 @@ def measure_engine(path: Path, prompts: list[list[int]], max_tokens: int, worklo
               max_model_len=1024, kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
               disable_log_stats=False,  # per-request timestamps for the per-row ratios
               hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
-              additional_config={SETTINGS_KEY: settings} if settings else None)
+              additional_config={SETTINGS_KEY: settings} if settings else {})
     decode: dict[str, list[list[float]]] = {}
 
     def run(plans, name):
