@@ -14,7 +14,7 @@ from steerserve.patches.steers.mixing.engine import ENGINE as MIXING
 HANDLE = StepHandle((INFOSTEER, MIXING))
 
 
-def build_step_context(entries, device="cpu", num_tokens=-1):
+def infosteer_step(entries, device="cpu", num_tokens=-1):
     """The InfoSteer step state for (plan, start, end) per request (request i = entry i)."""
     plans = [(SteerPlan(infosteer=plan), RequestRows(i, s, e)) for i, (plan, s, e) in enumerate(entries)]
     step = HANDLE.begin(plans, StepShape(len(entries), num_tokens, device))
@@ -23,7 +23,7 @@ def build_step_context(entries, device="cpu", num_tokens=-1):
 
 
 @contextlib.contextmanager
-def use_step_context(state):
+def published(state):
     """Publish `state` as the handle's step for the block."""
     HANDLE.step = Step(StepShape(0, 0), {"infosteer": state}, {"ffn_": [(INFOSTEER, state)]})
     try:
@@ -41,17 +41,17 @@ LIFT = InfoSteerPlan(layers=(0,), mode="lift", alpha=1.5, m=3)
 
 
 def test_no_entries_means_no_context():
-    assert build_step_context([], "cpu") is None
+    assert infosteer_step([], "cpu") is None
 
 
 def test_op_touches_only_the_steered_rows_of_its_layers():
     torch.manual_seed(0)
     x = torch.randn(10, 8)
     # request A: rows 0-3 (prefill chunk), B: row 4 (decode), C: rows 5-6, rows 7-9 unsteered
-    ctx = build_step_context([(SCALE, 0, 4), (TOPK, 4, 5), (LIFT, 5, 7)], "cpu")
+    ctx = infosteer_step([(SCALE, 0, 4), (TOPK, 4, 5), (LIFT, 5, 7)], "cpu")
     assert ctx.num_requests == 3
     layer0 = x.clone()
-    with use_step_context(ctx):
+    with published(ctx):
         ffn_steer_(layer0, HANDLE.index, 0)
     assert current() is None
     torch.testing.assert_close(layer0[0:4], x[0:4] * 2.0)
@@ -59,19 +59,19 @@ def test_op_touches_only_the_steered_rows_of_its_layers():
     torch.testing.assert_close(layer0[5:7], infosteer.apply_one(x[5:7], "lift", 1.5, m=3))
     assert torch.equal(layer0[7:], x[7:])
     layer1 = x.clone()
-    with use_step_context(ctx):
+    with published(ctx):
         ffn_steer_(layer1, HANDLE.index, 1)
     assert torch.equal(layer1[:4], x[:4]) and torch.equal(layer1[5:], x[5:])
     torch.testing.assert_close(layer1[4:5], infosteer.apply_one(x[4:5], "topk", 3.0, k=2))
 
 
 def test_requests_with_one_config_share_a_group():
-    ctx = build_step_context([(SCALE, 0, 2), (SCALE, 2, 3), (SCALE, 5, 6)], "cpu")
+    ctx = infosteer_step([(SCALE, 0, 2), (SCALE, 2, 3), (SCALE, 5, 6)], "cpu")
     (group,) = ctx.groups[0]
     assert group.rows.tolist() == [0, 1, 2, 5]
     assert ctx.groups[2] == [group]
     distinct = [(InfoSteerPlan(layers=(0, 2), mode="scale", alpha=1 + i / 10), i, i + 1) for i in range(32)]
-    ctx = build_step_context(distinct, "cpu")
+    ctx = infosteer_step(distinct, "cpu")
     assert len(ctx.groups[0]) == 1  # 32 distinct alphas: still one batched op per layer
     assert torch.allclose(ctx.groups[0][0].alpha, torch.tensor([1 + i / 10 for i in range(32)]))
 
@@ -88,8 +88,8 @@ def test_op_runs_inside_a_compiled_graph():
     x = torch.randn(4, 8)
     plain = compiled(x)
     torch.testing.assert_close(plain, mlp(x))
-    ctx = build_step_context([(SCALE, 1, 3)], "cpu")
-    with use_step_context(ctx):
+    ctx = infosteer_step([(SCALE, 1, 3)], "cpu")
+    with published(ctx):
         steered = compiled(x)
     expected = plain.clone()
     expected[1:3] *= 2.0
@@ -105,11 +105,11 @@ def test_scale_fast_paths_equal_the_reference_formula():
         x = torch.randn(12, 16).to(dtype)
         plan = InfoSteerPlan(layers=(0,), mode="scale", alpha=1.37)
         for ranges in ([(2, 5), (5, 9)], [(0, 2), (6, 7), (9, 12)]):
-            ctx = build_step_context([(plan, s, e) for s, e in ranges], "cpu")
+            ctx = infosteer_step([(plan, s, e) for s, e in ranges], "cpu")
             (group,) = ctx.groups[0]
             assert (group.span is not None) == (len(ranges) == 2) and group.uniform_alpha == 1.37
             y = x.clone()
-            with use_step_context(ctx):
+            with published(ctx):
                 ffn_steer_(y, HANDLE.index, 0)
             rows = group.rows
             expected = x.clone()
@@ -122,11 +122,11 @@ def test_scale_with_per_row_alphas_equals_the_reference_formula():
     x = torch.randn(6, 16).to(torch.bfloat16)
     entries = [(InfoSteerPlan(layers=(0,), mode="scale", alpha=a), i, i + 1) for i, a in enumerate([0.3, 1.7, 2.9])]
     for shift in (0, 1):  # contiguous rows 0-2, then rows 1, 3, 5
-        ctx = build_step_context([(p, s * (1 + shift) + shift, s * (1 + shift) + shift + 1) for p, s, _ in entries],
+        ctx = infosteer_step([(p, s * (1 + shift) + shift, s * (1 + shift) + shift + 1) for p, s, _ in entries],
                                  "cpu")
         (group,) = ctx.groups[0]
         y = x.clone()
-        with use_step_context(ctx):
+        with published(ctx):
             ffn_steer(y, HANDLE.index, 0)
         expected = x.clone()
         expected[group.rows] = infosteer.scale_rows(x[group.rows], group.alpha)
