@@ -16,6 +16,11 @@ stays torch-free. Per model instance one `StepHandle` holds the engines and the 
    per layer), `after_forward` (once, with the forward's output), `replace_logits` / `edit_logits`
    (`compute_logits`). A step without steered rows is None: the plain path, no steering work.
 
+4. Graph mode (engine setting `graph_safe_steps`): engines with a graph-safe form (`make_buffers`)
+   keep persistent fixed-capacity buffers; `begin` fills them in place every step (clears them
+   on unsteered steps) and their fixed ops (`ffn_fixed_`, the mixing sites' routing) run every
+   step, reading only the buffers. A step over a buffer's capacity runs that steer eagerly.
+
 No module globals carry per-step state: layers reach the step through the handle they were given
 at install (`handle.step`), and registered ops (which take no Python objects) through the handle's
 index in `HANDLES`, an install-time table.
