@@ -142,20 +142,19 @@ class SteerEngine:
 
 @dataclass
 class Step:
-    """One forward step's steering: per engine with work, its state; per hook, the (engine, state)
-    pairs to call, in registry order."""
+    """One forward step's steering: per engine with work, its state; per hook, the engines that
+    serve it, in registry order."""
 
     shape: StepShape
     states: dict[str, Any] = field(default_factory=dict)
-    calls: dict[str, list[tuple[SteerEngine, Any]]] = field(default_factory=dict)
+    hooks: dict[str, list[SteerEngine]] = field(default_factory=dict)
 
     def state(self, name: str) -> Any:
         return self.states.get(name)
 
-    def set_state(self, engine: SteerEngine, state: Any) -> None:
-        self.states[engine.name] = state
-        for hook, pairs in self.calls.items():
-            self.calls[hook] = [(e, state if e is engine else s) for e, s in pairs]
+    def calls(self, hook: str) -> list[tuple[SteerEngine, Any]]:
+        """(engine, its current state) for the engines serving `hook`."""
+        return [(engine, self.states.get(engine.name)) for engine in self.hooks.get(hook, ())]
 
 
 HANDLES: list[StepHandle] = []  # install-time table: a handle's index, for registered ops
@@ -255,7 +254,7 @@ class StepHandle:
                 self._count("eager", engine.name)
             for hook in HOOKS:
                 if type(engine).serves(hook):
-                    step.calls.setdefault(hook, []).append((engine, state))
+                    step.hooks.setdefault(hook, []).append(engine)
         self.stats["steps"] += 1
         if not step.states:
             return None
@@ -278,7 +277,7 @@ class StepHandle:
 
     def calls(self, hook: str) -> list[tuple[SteerEngine, Any]]:
         step = self.step
-        return step.calls.get(hook, []) if step is not None else []
+        return step.calls(hook) if step is not None else []
 
     # --- what the steerable model calls -------------------------------------------------------
     def after_forward(self, model: torch.nn.Module, out: Any, input_ids, positions) -> None:
@@ -286,13 +285,13 @@ class StepHandle:
         step = self.step
         if step is None or not isinstance(out, torch.Tensor):
             return
-        for engine, state in list(step.calls.get("after_forward", ())):
+        for engine, state in step.calls("after_forward"):
             try:
-                step.set_state(engine, engine.after_forward(state, model, out, input_ids, positions))
+                step.states[engine.name] = engine.after_forward(state, model, out, input_ids, positions)
             except Exception:  # noqa: BLE001 - never take the engine (and every request) down
                 logger.exception("steerserve: %s: the after-forward step failed; this step's %s requests are "
                                  "served without it", engine.name, engine.name)
-                step.set_state(engine, None)
+                step.states[engine.name] = None
 
     def compute_logits(self, model: torch.nn.Module, hidden_states: torch.Tensor, base: Callable) -> Any:
         """Logits for `hidden_states`: an engine's replacement or `base(hidden_states)`, then each
@@ -328,7 +327,7 @@ def ffn_hook(x: torch.Tensor, handle: int, layer: int) -> None:
     step = h.step
     if step is None:
         return
-    for engine, state in step.calls.get("ffn_", ()):
+    for engine, state in step.calls("ffn_"):
         engine.ffn_(state, x, layer)
 
 

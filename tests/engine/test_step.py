@@ -25,7 +25,7 @@ def infosteer_step(entries, device="cpu", num_tokens=-1):
 @contextlib.contextmanager
 def published(state):
     """Publish `state` as the handle's step for the block."""
-    HANDLE.step = Step(StepShape(0, 0), {"infosteer": state}, {"ffn_": [(INFOSTEER, state)]})
+    HANDLE.step = Step(StepShape(0, 0), {"infosteer": state}, {"ffn_": [INFOSTEER]})
     try:
         yield
     finally:
