@@ -2,7 +2,8 @@
 
     steerserve chat "What is the capital of France?" --infosteer-alpha 1.5 --infosteer-layers 0,1,2
     steerserve chat "Passage: ... Question: ..." --context-alpha 0.5 --context-heads default
-    steerserve chat "Hello" --steer '{"mixing": "taia", "proxy": {"alpha": 0.5}}' 
+    steerserve chat "Hello" --steer '{"mixing": "taia", "proxy": {"alpha": 0.5}}'
+    steerserve chat "Tell me about your day" --vector joy:0.8 --vector calm:-0.5
     steerserve chat            # interactive: one prompt per line, empty line or Ctrl-D to quit
 """
 
@@ -46,6 +47,10 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--infosteer-layers", default="all", help='"all" or comma-separated layer indices')
     g.add_argument("--infosteer-k", type=int, default=None, help="topk: coefficients per token")
     g.add_argument("--infosteer-p", type=float, default=None, help="lift: fraction per token (default 0.01)")
+    p.add_argument("--vector", action="append", default=[], metavar="NAME:SCALE[:LAYERS[:POSITIONS]]",
+                   help="add a residual steering vector the server loaded (repeatable; terms add up): scale in "
+                        "[-100, 100], LAYERS 'all' or comma-separated indices, POSITIONS all|prompt|generated, "
+                        "e.g. joy:0.8 or joy:-1.5:10,11,12:generated (GET /v1/steer/vectors lists the names)")
     c = p.add_argument_group("context attention (PASTA-style emphasis of the user's text)")
     c.add_argument("--context-attention", action="store_true",
                    help="enable it with the server's defaults (implied by any flag below)")
@@ -68,6 +73,23 @@ def _heads(text: str | None):
     return [[int(a) for a in pair.split(":")] for pair in text.split(",") if pair]
 
 
+def parse_vector(text: str) -> dict:
+    """`NAME:SCALE[:LAYERS[:POSITIONS]]` -> the keyword arguments of `Steer().vector`."""
+    parts = text.split(":")
+    if len(parts) < 2 or len(parts) > 4 or not parts[0]:
+        raise ValueError(f"--vector {text!r}: expected NAME:SCALE[:LAYERS[:POSITIONS]], e.g. joy:0.8")
+    try:
+        scale = float(parts[1])
+    except ValueError:
+        raise ValueError(f"--vector {text!r}: scale {parts[1]!r} is not a number") from None
+    out: dict = {"name": parts[0], "scale": scale}
+    if len(parts) > 2 and parts[2]:
+        out["layers"] = _layers(parts[2])
+    if len(parts) > 3 and parts[3]:
+        out["positions"] = parts[3]
+    return out
+
+
 def steer_from_args(args: argparse.Namespace) -> Steer | None:
     steer = Steer()
     used = False
@@ -86,6 +108,8 @@ def steer_from_args(args: argparse.Namespace) -> Steer | None:
         steer = steer.context_attention(alpha=args.context_alpha, layers=_layers(args.context_layers),
                                         heads=_heads(args.context_heads), emphasis=args.emphasis)
         used = True
+    for text in getattr(args, "vector", None) or []:
+        steer, used = steer.vector(**parse_vector(text)), True
     return steer if used else None
 
 

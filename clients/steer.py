@@ -6,11 +6,14 @@
     steer = Steer().infosteer(alpha=1.5, layers=[10, 11, 12])
     steer = Steer().context_attention(alpha=0.5, heads="default")     # PASTA-style emphasis
     steer = Steer().mixing("taia").proxy(pair="demo", alpha=0.5).context_indicator()
+    steer = Steer().vector("joy", 0.8).vector("calm", -0.5, layers=[10, 11], positions="generated")
     client.chat.completions.create(model=..., messages=..., extra_body=steer.extra_body())
 
 Every steer of the registry (`steerserve.patches.steers`) has a builder method of its name, by
 construction: its arguments are the fields of that steer's Spec, and its value is validated by
-that Spec (pydantic.ValidationError on values no model accepts). Imports neither torch nor vLLM.
+that Spec (pydantic.ValidationError on values no model accepts). A steer whose value is a list
+also has a method that appends one item (`Steer.item`: `vector` for `vectors`). Imports neither
+torch nor vLLM.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from steerserve.patches.steers import BY_NAME
+
+ITEMS = {s.item: s for s in BY_NAME.values() if s.item}  # item method name -> its list steer
 
 
 class Steer:
@@ -31,6 +36,14 @@ class Steer:
 
     def __getattr__(self, name: str):
         steer = BY_NAME.get(name)
+        owner = ITEMS.get(name)
+        if owner is not None:
+            def add(*args, **kwargs) -> Steer:
+                return self._with(owner.name, [*self._fields.get(owner.name, []), owner.build_item(*args, **kwargs)])
+
+            add.__name__ = name
+            add.__doc__ = f"Append one item to steer.{owner.name}: {owner.build_item.__doc__ or ''}".strip()
+            return add
         if steer is None:
             raise AttributeError(f"Steer has no steer {name!r}; steers: {', '.join(BY_NAME)} (and profile, "
                                  "experiment)")
@@ -43,7 +56,7 @@ class Steer:
         return build
 
     def __dir__(self):
-        return [*super().__dir__(), *BY_NAME]
+        return [*super().__dir__(), *BY_NAME, *ITEMS]
 
     def set(self, name: str, value: Any) -> Steer:
         """Set `steer.<name>` to a JSON value (an object, a shorthand string, a bool: what the wire

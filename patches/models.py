@@ -1,9 +1,10 @@
 """Steerable versions of vLLM's Llama and Qwen2 causal LMs.
 
 Each subclasses vLLM's own class and, after it is built, gets a `StepHandle` holding the engine of
-every registered steer (`patches/steers/engine.py`): its MLPs call the FFN hook, its attention impls
-the attention hooks (the adapter's hook points), and each engine installs what it serves (proxy
-sub-models; TAIA variants when the weights load). `compute_logits` runs the engines' logits hooks.
+every registered steer (`patches/steers/engine.py`): its MLPs call the FFN hook, its decoder
+layers the residual hook, its attention impls the attention hooks (the adapter's hook points),
+and each engine installs what it serves (proxy sub-models; TAIA variants when the weights load;
+steering vectors). `compute_logits` runs the engines' logits hooks.
 Weights, loading, attention and compilation are vLLM's.
 Selected with `hf_overrides={"architectures": ["SteerableLlamaForCausalLM"]}` (the server does this).
 """
@@ -14,7 +15,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from .adapter.attention import make_attention_steerable
-from .adapter.layers import make_mlps_steerable
+from .adapter.layers import make_decoder_layers_steerable, make_mlps_steerable
 from .steers.engine import StepHandle, engine_settings
 
 
@@ -25,6 +26,7 @@ class _SteerableMixin:
         self.steer_vllm_config = vllm_config
         self.steer_handle = StepHandle.for_registry(engine_settings(vllm_config))
         make_mlps_steerable(self, self.steer_handle)
+        make_decoder_layers_steerable(self, self.steer_handle)
         make_attention_steerable(self, self.steer_handle)
         # after the scans above: sub-models an engine builds keep plain vLLM modules
         self.steer_handle.install(self)

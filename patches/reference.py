@@ -23,7 +23,7 @@ def token_logprobs(model, prompt_ids: list[int], output_ids: list[int], plan: St
     """Log-probability of each of `output_ids` after `prompt_ids` under the steered model
     (teacher forcing; the steer applies to prompt and generated positions, as in the engine)."""
     ids = torch.tensor([prompt_ids + output_ids], device=model.device)
-    with steered(model, [plan], [0], ids.shape[1]):
+    with steered(model, [plan], [0], ids.shape[1], prompt_width=len(prompt_ids)):
         logits = model(ids).logits[0].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     n = len(prompt_ids)
@@ -42,7 +42,7 @@ def greedy_generate(model, batch_ids: list[list[int]], max_new_tokens: int,
         ids[r, width - len(row):] = torch.tensor(row)
         mask[r, width - len(row):] = 1
     plans = plan if isinstance(plan, list) else [plan] * len(batch_ids)
-    with steered(model, plans, [width - len(r) for r in batch_ids], width + max_new_tokens):
+    with steered(model, plans, [width - len(r) for r in batch_ids], width + max_new_tokens, prompt_width=width):
         out = model.generate(
             input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
@@ -51,9 +51,11 @@ def greedy_generate(model, batch_ids: list[list[int]], max_new_tokens: int,
 
 
 @contextlib.contextmanager
-def steered(model: torch.nn.Module, plans: list, pads: list[int] | None = None, total_len: int = 0):
-    """Every steer of one-or-more plans (row r: `plans[r]`, a SteerPlan or None), each through its
-    steer's reference (`Steer.reference`, a module with `hooks(model, plans, pads, total_len)`)."""
+def steered(model: torch.nn.Module, plans: list, pads: list[int] | None = None, total_len: int = 0,
+            prompt_width: int | None = None):
+    """Every steer of one-or-more plans (row r: `plans[r]`, a SteerPlan or None, left-padded by
+    `pads[r]`; columns below `prompt_width` are prompt tokens), each through its steer's reference
+    (`Steer.reference`, a module with `hooks(model, plans, pads, total_len, prompt_width)`)."""
     pads = pads or [0] * len(plans)
     with contextlib.ExitStack() as stack:
         for steer in STEERS:
@@ -62,5 +64,5 @@ def steered(model: torch.nn.Module, plans: list, pads: list[int] | None = None, 
             module = importlib.import_module(steer.reference)
             mine = [getattr(p, steer.name) if p is not None else None for p in plans]
             if hasattr(module, "hooks") and any(m is not None for m in mine):
-                stack.enter_context(module.hooks(model, mine, pads, total_len))
+                stack.enter_context(module.hooks(model, mine, pads, total_len, prompt_width))
         yield model

@@ -346,6 +346,14 @@ async def list_head_sets(raw_request: Request):
     ]}
 
 
+@router.get("/v1/steer/vectors")
+async def list_vectors():
+    """The steering vectors the server loaded (`--vector`, config `vectors`): per vector its
+    layers, the L2 norm of its direction on each, its hidden size, source format and model hint."""
+    vectors = family.current().vectors
+    return {"object": "list", "data": [vectors[name].listing() for name in sorted(vectors)]}
+
+
 # request bodies of vLLM's routes that accept `steer` (OpenAPI component names)
 STEERABLE_REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest")
 

@@ -74,6 +74,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         'Requests use it with `steer.proxy: {"pair": NAME, "alpha": 1.0}` (logits = base + alpha '
                         "* (expert - anti-expert)); the experts run only for those requests. Also config key "
                         "`proxies: {NAME: {expert: PATH, anti_expert: PATH}}`")
+    p.add_argument("--vector", action="append", default=[], metavar="NAME=FILE",
+                   help="load a steering vector (repeatable): a llama.cpp / repeng control-vector GGUF "
+                        "(direction.<layer> tensors) or a safetensors file written by `steerserve train vectors`. "
+                        'Requests add it with `steer.vectors: [{"name": NAME, "scale": 1.0}]` (docs/vectors.md); '
+                        "GET /v1/steer/vectors lists them. Checked against the model at start-up. Also config key "
+                        "`vectors: {NAME: FILE}`")
     par = p.add_argument_group("parallelism (vLLM's own executors; every steer works under them)")
     par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                      help="shard every layer over N devices (default 1). The model's attention heads and FFN "
@@ -178,6 +184,14 @@ def _config_proxies(path: str) -> dict:
         raise SystemExit("steerserve serve: --config: `proxies` must map pair names to "
                          "{expert: PATH, anti_expert: PATH}")
     return {k: {role: str((base / p).resolve()) for role, p in v.items()} for k, v in raw.items()}
+
+
+def _config_vectors(path: str) -> dict:
+    """The config file's `vectors: {NAME: FILE}` (relative paths from the file's folder)."""
+    raw, base = _config_section(path, "vectors")
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise SystemExit("steerserve serve: --config: `vectors` must map vector names to files")
+    return {k: str((base / v).resolve()) for k, v in raw.items()}
 
 
 def check_parallel(tp: int, pp: int, model: Path, proxies: dict) -> None:
@@ -336,6 +350,12 @@ def serve(args: argparse.Namespace) -> None:
             _family.prepare_proxies(_config_proxies(args.config), model, fam)
     except _family.FamilyError as err:
         raise SystemExit(f"steerserve serve: --proxy: {err}") from None
+    try:
+        _family.prepare_vectors(list(args.vector), model, fam)
+        if args.config:
+            _family.prepare_vectors(_config_vectors(args.config), model, fam)
+    except _family.FamilyError as err:
+        raise SystemExit(f"steerserve serve: --vector: {err}") from None
     check_parallel(args.tensor_parallel_size, args.pipeline_parallel_size, model,
                    {name: {"expert": pair.expert, "anti_expert": pair.anti_expert}
                     for name, pair in fam.proxies.items()})

@@ -35,6 +35,9 @@ from steerserve.patches.plan import MixingPlan, ProxyPlan
 from steerserve.patches.steers.base import SteerError
 from steerserve.patches.steers.mixing import VARIANTS_SETTING
 from steerserve.patches.steers.proxy import PAIRS_SETTING
+from steerserve.patches.steers.vectors import NAME_RE as VECTOR_NAME_RE
+from steerserve.patches.steers.vectors import VECTORS_SETTING
+from steerserve.patches.steers.vectors.files import VectorFileError, VectorInfo
 
 from .limits import shown
 
@@ -83,6 +86,7 @@ class Family:
     base_indicator: str | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
     proxies: dict[str, ProxyPair] = field(default_factory=dict)
+    vectors: dict[str, VectorInfo] = field(default_factory=dict)  # steering vectors (`--vector`)
 
     # --- lookups ----------------------------------------------------------------------------
     def variant_for_model(self, model: str | None) -> tuple[Variant | None, str | None]:
@@ -191,14 +195,16 @@ class Family:
     def to_json(self) -> str:
         return json.dumps({"base_name": self.base_name, "base_indicator": self.base_indicator,
                            "variants": [asdict(v) for v in self.variants.values()],
-                           "proxies": [asdict(p) for p in self.proxies.values()]})
+                           "proxies": [asdict(p) for p in self.proxies.values()],
+                           "vectors": [v.to_json() for v in self.vectors.values()]})
 
     @classmethod
     def from_json(cls, text: str) -> Family:
         body = json.loads(text)
         return cls(body["base_name"], body.get("base_indicator"),
                    {v["name"]: Variant(**v) for v in body["variants"]},
-                   {p["name"]: ProxyPair(**p) for p in body.get("proxies", [])})
+                   {p["name"]: ProxyPair(**p) for p in body.get("proxies", [])},
+                   {v["name"]: VectorInfo.from_json(v) for v in body.get("vectors", [])})
 
     def models_listing(self) -> list[dict]:
         """Extra `/v1/models` entries: fully fine-tuned variants and their mixes (LoRA variants and
@@ -325,13 +331,15 @@ def prepare_family(values: list[str] | dict, base: Path, base_name: str, cache: 
 
 def engine_settings(family: Family) -> dict:
     """The engine settings the family needs (`patches/steers/base.SETTINGS_KEY`): the fully
-    fine-tuned variants the engine loads and the proxy pairs it builds."""
+    fine-tuned variants the engine loads, the proxy pairs it builds and the steering vectors."""
     settings: dict = {}
     full = [{"name": v.name, "path": v.path} for v in family.variants.values() if v.kind == "full"]
     if full:
         settings[VARIANTS_SETTING] = full
     if family.proxies:
         settings[PAIRS_SETTING] = [asdict(p) for p in family.proxies.values()]
+    if family.vectors:
+        settings[VECTORS_SETTING] = [{"name": v.name, "path": v.path} for v in family.vectors.values()]
     return settings
 
 
@@ -438,3 +446,36 @@ def prepare_proxies(values: list[str] | dict, base: Path, family: Family) -> Non
             paths[role] = str(folder)
         family.proxies[name] = ProxyPair(name, paths["expert"], paths["anti_expert"])
         _log(f"proxy pair {name!r}: expert {paths['expert']}, anti-expert {paths['anti_expert']}")
+
+
+# --- steering vectors ---------------------------------------------------------------------------
+
+def prepare_vectors(values: list[str] | dict, base: Path, family: Family) -> None:
+    """Check the declared steering vectors (`--vector NAME=FILE`, config `vectors: {NAME: FILE}`)
+    against the served model (hidden size, layer count, finite values) and add them to `family`.
+    Raises FamilyError naming the vector, the file and the field."""
+    from steerserve.patches.steers.base import ModelInfo
+    from steerserve.patches.steers.vectors import files
+
+    if isinstance(values, dict):
+        declared = list(values.items())
+    else:
+        try:
+            declared = [files.parse_cli_value(v) for v in values]
+        except VectorFileError as err:
+            raise FamilyError(str(err)) from None
+    if not declared:
+        return
+    info = ModelInfo.from_checkpoint(base)
+    for name, path in declared:
+        if not isinstance(name, str) or not VECTOR_NAME_RE.match(name):
+            raise FamilyError(f"vector name {name!r}: start with a letter or digit; letters, digits, '.', '_' or '-', "
+                              "1-64 chars")
+        if name in family.vectors:
+            raise FamilyError(f"vector name {name!r} is declared twice")
+        try:
+            vector = files.check(name, Path(path).expanduser(), info.hidden_size or None, info.num_layers or None)
+        except VectorFileError as err:
+            raise FamilyError(f"vector {name!r}: {err}") from None
+        family.vectors[name] = vector
+        _log(f"vector {name!r}: {vector.format}, layers {len(vector.layers)} of {info.num_layers}, from {vector.path}")

@@ -28,8 +28,8 @@ from .experiments import Experiment, parse_experiments
 from .schema import ModelInfo, SteerError, normalise, parse_spec
 
 CONFIG_ENV = "STEERSERVE_CONFIG"
-# variants, proxies: read by `serve` (server/cli.py)
-TOP_LEVEL_KEYS = ("profiles", "experiments", "head_sets", "variants", "proxies")
+# variants, proxies, vectors: read by `serve` (server/cli.py)
+TOP_LEVEL_KEYS = ("profiles", "experiments", "head_sets", "variants", "proxies", "vectors")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ _FIELD_NAMES = {name for names in _ALLOWED.values() for name in names}
 
 def _hint(loc: str) -> str | None:
     """A steer's extra words for errors at `loc` (`steer.<name>` or `steer.<name>.<field>`)."""
-    parts = loc.split(".")
+    parts = [part.split("[", 1)[0] for part in loc.split(".")]  # list indices: steer.vectors[0].scale
     steer = BY_NAME.get(parts[1]) if len(parts) > 1 else None
     if steer is None:
         return None
@@ -91,7 +91,7 @@ def _from_validation_error(err: ValidationError) -> SteerError:
     msg = first["msg"]
     hint = _hint(path)
     if first["type"] == "extra_forbidden":
-        parent = path.rsplit(".", 1)[0]
+        parent = path.rsplit(".", 1)[0].split("[", 1)[0]  # steer.vectors[0].x: the keys of steer.vectors' items
         msg = f"unknown field; allowed keys: {', '.join(_ALLOWED.get(parent, []))}"
     elif in_union and hint:
         msg = hint

@@ -94,11 +94,16 @@ def test_every_registered_steer_is_in_the_schema_the_plan_and_the_client():
     from steerserve.server.schema import SteerSpec, parse_spec
 
     examples = {"infosteer": dict(alpha=1.5), "context_attention": dict(alpha=0.5), "mixing": dict(mode="taia"),
-                "proxy": dict(alpha=0.5), "context_indicator": {}}
+                "proxy": dict(alpha=0.5), "context_indicator": {}, "vectors": ({"name": "joy", "scale": 0.5},)}
     for steer in STEERS:
         assert steer.name in SteerSpec.model_fields and steer.name in SteerPlan.__dataclass_fields__
-        body = getattr(Steer(), steer.name)(**examples[steer.name]).to_dict()
+        example = examples[steer.name]
+        build = getattr(Steer(), steer.name)
+        body = (build(*example) if isinstance(example, tuple) else build(**example)).to_dict()
         assert getattr(parse_spec(body), steer.name) is not None, steer.name
+        if steer.item:  # a list steer: its item method appends one item
+            item = getattr(Steer(), steer.item)(**example[0])
+            assert getattr(item, steer.item)(**example[0]).to_dict()[steer.name] == 2 * body[steer.name]
     assert set(examples) == {s.name for s in STEERS}, "add an example for the new steer here"
 
 

@@ -1,7 +1,10 @@
-"""The FFN hook point (worker process): steerable MLPs.
+"""The layer hook points (worker process): steerable MLPs (the FFN coefficients) and steerable
+decoder layers (the residual stream after each layer).
 
 Surfaces: vLLM's Llama/Qwen2 gated MLP layout (`gate_up_proj`, `act_fn`, `down_proj`; under tensor
-parallelism `MergedColumnParallelLinear` gate/up and `RowParallelLinear` down) and
+parallelism `MergedColumnParallelLinear` gate/up and `RowParallelLinear` down), the decoder layer's
+`forward(positions, hidden_states, residual) -> (hidden_states, residual)` (a split residual
+stream: the next layer's fused add-norm, or the final norm, adds the halves), and
 `extract_layer_index`.
 """
 
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..steers.engine import StepHandle, ffn_steer
+from ..steers.engine import StepHandle, ffn_steer, residual_steer
 from .parallel import gather_last_dim, tensor_parallel
 
 
@@ -57,5 +60,45 @@ def make_mlps_steerable(model: torch.nn.Module, handle: StepHandle) -> int:
         mlp.__class__ = _steerable_classes[cls]
         mlp.steer_layer = layer
         mlp.steer_handle = handle
+        swapped += 1
+    return swapped
+
+
+def decoder_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, decoder layer) for every vLLM Llama/Qwen2-style decoder layer in `model` (on
+    this pipeline stage: the others are `PPMissingLayer`s)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    found = []
+    for name, module in model.named_modules():
+        if all(hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")):
+            found.append((extract_layer_index(name), module))
+    return found
+
+
+class _SteerableDecoderLayerMixin:
+    """forward = the layer's own, then the residual hook on its output half (a no-op outside
+    steered steps). Adding to `hidden_states` once adds to the stream (hidden_states + residual)."""
+
+    steer_layer: int
+    steer_handle: StepHandle
+
+    def forward(self, positions, hidden_states, residual):
+        hidden_states, residual = super().forward(positions, hidden_states, residual)
+        residual_steer(hidden_states, self.steer_handle.index, self.steer_layer)
+        return hidden_states, residual
+
+
+def make_decoder_layers_steerable(model: torch.nn.Module, handle: StepHandle) -> int:
+    """Swap every decoder layer of `model` for a steerable subclass of its own class, in place
+    (as `make_mlps_steerable`), calling `handle`'s residual hook. Returns the number swapped."""
+    swapped = 0
+    for layer, module in decoder_layers(model):
+        cls = type(module)
+        if cls not in _steerable_classes:
+            _steerable_classes[cls] = type(f"Steerable{cls.__name__}", (_SteerableDecoderLayerMixin, cls), {})
+        module.__class__ = _steerable_classes[cls]
+        module.steer_layer = layer
+        module.steer_handle = handle
         swapped += 1
     return swapped

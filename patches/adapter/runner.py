@@ -2,8 +2,9 @@
 
 Surfaces: `GPUModelRunner._model_forward` (V1 runner; `CPUModelRunner` subclasses it), called once
 per step under `set_forward_context` after the step's inputs are final; inside it
-`runner.input_batch.req_ids` (row order), `runner.input_batch.num_reqs`, `runner.query_start_loc.np`
-(token row offsets per request), `runner.requests[req_id].sampling_params.extra_args` (the plan) and
+`runner.input_batch.req_ids` (row order), `runner.input_batch.num_reqs`,
+`runner.input_batch.num_computed_tokens_cpu` (each request's first position in the step),
+`runner.query_start_loc.np` (token row offsets per request), `runner.requests[req_id].sampling_params.extra_args` (the plan) and
 `.num_prompt_tokens`, `runner.get_model()` and `runner.attn_groups`; `CPUModelRunner.initialize_kv_cache`,
 `runner.intermediate_tensors` and the model's `make_empty_intermediate_tensors` (the CPU pipeline
 fix); the offline engine's `engine_core.shutdown()`.
@@ -35,6 +36,7 @@ def step_requests(runner: Any, handle: StepHandle | None = None) -> list[tuple[A
     if num_reqs == 0:
         return out
     qsl = runner.query_start_loc.np
+    computed = batch.num_computed_tokens_cpu  # the first position of each request's rows this step
     requests = runner.requests
     refused = handle.refused if handle is not None else set()
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
@@ -57,7 +59,8 @@ def step_requests(runner: Any, handle: StepHandle | None = None) -> list[tuple[A
         start, end = int(qsl[i]), int(qsl[i + 1])
         if end <= start:
             continue
-        out.append((plan, RequestRows(i, start, end, req_id, getattr(state, "num_prompt_tokens", None))))
+        out.append((plan, RequestRows(i, start, end, req_id, getattr(state, "num_prompt_tokens", None),
+                                      int(computed[i]))))
     return out
 
 

@@ -15,8 +15,10 @@ from .context_indicator import STEER as _context_indicator
 from .infosteer import STEER as _infosteer
 from .mixing import STEER as _mixing
 from .proxy import STEER as _proxy
+from .vectors import STEER as _vectors
 
 STEERS: tuple[Steer, ...] = (
+    _vectors,
     _infosteer,
     _context_attention,
     _mixing,

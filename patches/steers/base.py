@@ -53,6 +53,7 @@ class ModelInfo:
     num_heads: int = 0  # attention heads per layer (global, all ranks)
     attention_steerable: bool = False
     attention_unsupported_reason: str = ""
+    hidden_size: int = 0  # the residual stream's width
 
     @classmethod
     def from_checkpoint(cls, model_dir, steerable: bool | None = None) -> ModelInfo:
@@ -80,6 +81,7 @@ class ModelInfo:
         return cls(
             arch, int(text.get("num_hidden_layers", 0)), int(text.get("intermediate_size") or 0), steerable,
             tensor_parallel_size, int(text.get("num_attention_heads") or 0), steerable and not reason, reason,
+            int(text.get("hidden_size") or 0),
         )
 
 
@@ -87,7 +89,8 @@ class ModelInfo:
 class ServingContext:
     """What a steer's `normalise` may consult: the served model, the head sets the server loaded,
     the route (`"chat"` or `"completions"`), the request's `model`, and the served family (tuned
-    variants, proxy pairs, context indicators: a `server.family.Family`, duck-typed here)."""
+    variants, proxy pairs, steering vectors, context indicators: a `server.family.Family`,
+    duck-typed here)."""
 
     info: ModelInfo
     head_sets: Mapping[str, Any] = field(default_factory=dict)
@@ -144,12 +147,14 @@ class Steer:
                  runs when the request has no `steer.<name>`, with spec None)
     hints        extra words for pydantic's messages, by field name ("" for the value itself)
     summary      one line for /openapi.json and the client builder's docstrings
+    item         for a steer whose value is a list: the client builder's method that appends one
+                 item (`build_item`), e.g. `Steer().vector(...)` for `steer.vectors`
     engine       the module whose `ENGINE` (a `steers.engine.SteerEngine`) runs the plan in the
                  engine's workers, imported there only; None for steers the API server applies
                  alone (such as the context indicator, which rewrites the prompt)
     reference    the module of its pure-torch reference over Hugging Face models; with a
-                 `hooks(model, plans, pads, total_len)` context manager (row r steered by
-                 `plans[r]` or not) it joins `patches.reference.steered`
+                 `hooks(model, plans, pads, total_len, prompt_width)` context manager (row r
+                 steered by `plans[r]` or not) it joins `patches.reference.steered`
     """
 
     name: ClassVar[str]
@@ -159,6 +164,7 @@ class Steer:
     implied_by_model: ClassVar[bool] = False  # normalise runs without a spec too (spec None)
     hints: ClassVar[dict[str, str]] = {}
     summary: ClassVar[str] = ""
+    item: ClassVar[str | None] = None
     engine: ClassVar[str | None] = None
     reference: ClassVar[str | None] = None
 
@@ -179,6 +185,10 @@ class Steer:
         if args:
             raise TypeError(f"Steer().{self.name}() takes keyword arguments: {', '.join(self.Spec.model_fields)}")
         return self.Spec.model_validate(fields).model_dump(exclude_none=True)
+
+    def build_item(self, *args, **fields) -> Any:
+        """For list steers (`item` set): one item of the list, validated."""
+        raise NotImplementedError
 
     # --- request path ----------------------------------------------------------------------
     def normalise(self, spec: Any, ctx: ServingContext) -> Any | None:

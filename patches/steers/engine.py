@@ -6,13 +6,15 @@ stays torch-free. Per model instance one `StepHandle` holds the engines and the 
 
 1. `install(model, handle)` once, after vLLM built the model (and `load_weights` after the base
    weights loaded): swap the modules the engine serves, build sub-models, keep install-time state
-   on the handle or the modules.
+   on the modules or in `handle.resources[engine.name]` (an engine object is shared by every
+   model instance of the process and holds no state).
 2. Every forward step the runner hook (`adapter/runner.py`) reads each request's plan and token rows
    and calls `handle.begin(...)`; each engine's `build_step(entries, shape, handle)` turns its
    requests into that step's state (None: nothing to do this step). The step lives on the handle
    until the next step begins (`compute_logits` runs after the forward).
 3. The steerable model calls the hooks of the engines with work in the step: `ffn_` (the FFN
-   coefficients, the input of `down_proj`, per layer), `attention_` (after the attention kernel,
+   coefficients, the input of `down_proj`, per layer), `residual_` (the residual stream after
+   each decoder layer), `attention_` (after the attention kernel,
    per layer), `after_forward` (once, with the forward's output), `replace_logits` / `edit_logits`
    (`compute_logits`). A step without steered rows is None: the plain path, no steering work.
 
@@ -41,19 +43,22 @@ from .base import SETTINGS_KEY
 
 logger = logging.getLogger("steerserve")
 
-HOOKS = ("ffn_", "attention_", "after_forward", "replace_logits", "edit_logits")
+HOOKS = ("ffn_", "residual_", "attention_", "after_forward", "replace_logits", "edit_logits")
 
 
 class RequestRows(NamedTuple):
     """One request's place in a step: `index` in the batch (its row in the attention metadata and
-    among the sampled rows), its token rows [start, end) of the flattened batch, its id and the
-    engine's prompt length (None when unknown)."""
+    among the sampled rows), its token rows [start, end) of the flattened batch, its id, the
+    engine's prompt length (None when unknown) and the position of its first token row (the
+    tokens it had computed before this step: row `start + j` is at position `first_position + j`,
+    a prompt token when that is below `num_prompt_tokens`)."""
 
     index: int
     start: int
     end: int
     req_id: str = ""
     num_prompt_tokens: int | None = None
+    first_position: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,9 +119,16 @@ class SteerEngine:
     def ffn_fixed_(self, buffers: Any, x: torch.Tensor, layer: int) -> None:
         """The graph-safe FFN op: runs every step in graph mode, reading only `buffers`."""
 
+    def residual_fixed_(self, buffers: Any, hidden: torch.Tensor, layer: int) -> None:
+        """The graph-safe residual op: runs every step in graph mode, reading only `buffers`."""
+
     # --- hooks (called only with this engine's non-None state) ----------------------------------
     def ffn_(self, state: Any, x: torch.Tensor, layer: int) -> None:
         """Rewrite the FFN coefficients x ([num_tokens, d_ffn / tp]) of `layer` in place."""
+
+    def residual_(self, state: Any, hidden: torch.Tensor, layer: int) -> None:
+        """Add to the residual stream after decoder `layer` in place: `hidden` ([num_tokens, hidden
+        size]) is the layer's output half whose sum with the residual half the next layer forms."""
 
     def attention_(self, state: Any, call: AttentionCall) -> None:
         """Overwrite rows of `call.output` after the attention kernel."""
@@ -182,6 +194,7 @@ class StepHandle:
         self.graph_safe = bool(self.settings.get("graph_safe_steps"))
         self.buffers: dict[str, Any] = {}  # engine name -> its persistent step buffers (graph mode)
         self.fixed_ffn: list[tuple[SteerEngine, Any]] = []  # (engine, buffers) of graph-safe FFN ops
+        self.fixed_residual: list[tuple[SteerEngine, Any]] = []  # ... and of graph-safe residual ops
         self._buffers_dirty = False
         self._overflow_logged: set[str] = set()
         self.buffer_served: set[str] = set()  # engines whose buffers serve the current step
@@ -191,6 +204,7 @@ class StepHandle:
         self.shards: tuple[Callable[[torch.Tensor], torch.Tensor], int] | None = None  # set for TP
         self.refused: set[str] = set()  # requests whose plan was refused (logged once each)
         self.modules: list[torch.nn.Module] = []  # modules registered ops reach by index
+        self.resources: dict[str, Any] = {}  # engine name -> its install-time state (engines are stateless)
         self.index = len(HANDLES)
         HANDLES.append(self)
 
@@ -212,6 +226,8 @@ class StepHandle:
                 self.buffers[engine.name] = buffers
                 if type(engine).serves("ffn_fixed_"):
                     self.fixed_ffn.append((engine, buffers))
+                if type(engine).serves("residual_fixed_"):
+                    self.fixed_residual.append((engine, buffers))
 
     def load_weights(self, model: torch.nn.Module, load: Callable) -> set[str]:
         loaded: set[str] = set()
@@ -351,6 +367,38 @@ def ffn_steer(x: torch.Tensor, handle: int, layer: int) -> None:
         ffn_steer_(x, handle, layer)
     elif HANDLES[handle].step is not None or HANDLES[handle].fixed_ffn:
         ffn_hook(x, handle, layer)
+
+
+def residual_hook(hidden: torch.Tensor, handle: int, layer: int) -> None:
+    """The decoder-layer-output hook point (eager body of the registered op): the graph-safe ops
+    (every step, graph mode), then the step's `residual_` hooks."""
+    h = HANDLES[handle]
+    for engine, buffers in h.fixed_residual:
+        engine.residual_fixed_(buffers, hidden, layer)
+    step = h.step
+    if step is None:
+        return
+    for engine, state in step.calls("residual_"):
+        engine.residual_(state, hidden, layer)
+
+
+@torch.library.custom_op("steerserve::residual_steer_", mutates_args=("hidden",))
+def residual_steer_(hidden: torch.Tensor, handle: int, layer: int) -> None:
+    """`residual_hook` as a registered op (opaque to torch.compile, as `ffn_steer_`)."""
+    residual_hook(hidden, handle, layer)
+
+
+@residual_steer_.register_fake
+def _(hidden: torch.Tensor, handle: int, layer: int) -> None:
+    return None
+
+
+def residual_steer(hidden: torch.Tensor, handle: int, layer: int) -> None:
+    """What steerable decoder layers call after their forward (as `ffn_steer`)."""
+    if torch.compiler.is_compiling():
+        residual_steer_(hidden, handle, layer)
+    elif HANDLES[handle].step is not None or HANDLES[handle].fixed_residual:
+        residual_hook(hidden, handle, layer)
 
 
 def slice_offset(hidden_states: torch.Tensor, step_hidden: torch.Tensor) -> int | None:

@@ -135,7 +135,13 @@ def test_chat_steer_flag_covers_every_registered_steer():
     with pytest.raises(pydantic.ValidationError):
         steer_from_args(p.parse_args(["hi", "--steer", '{"proxy": {"alpha": 99}}']))
     with pytest.raises(ValueError, match="unknown steer"):
-        steer_from_args(p.parse_args(["hi", "--steer", '{"vectors": {}}']))
+        steer_from_args(p.parse_args(["hi", "--steer", '{"ghosts": {}}']))
+    s = steer_from_args(p.parse_args(["hi", "--vector", "joy:0.8", "--vector", "calm:-1.5:1,2:generated"])).to_dict()
+    assert s == {"vectors": [{"name": "joy", "scale": 0.8, "layers": "all", "positions": "all"},
+                             {"name": "calm", "scale": -1.5, "layers": [1, 2], "positions": "generated"}]}
+    for bad in ("joy", "joy:x", "joy:1:all:later", ":1"):
+        with pytest.raises((ValueError, pydantic.ValidationError)):
+            steer_from_args(p.parse_args(["hi", "--vector", bad]))
 
 
 def _checkpoint(folder, heads=4, kv=2, width=256, layers=4):

@@ -71,6 +71,7 @@ def context_attention_bias(model: torch.nn.Module, plans: list, pads: list[int],
         model.set_attn_implementation(previous)
 
 
-def hooks(model: torch.nn.Module, plans: list, pads: list[int], total_len: int):
+def hooks(model: torch.nn.Module, plans: list, pads: list[int], total_len: int,
+          prompt_width: int | None = None):
     """The reference for a batch whose row r carries `plans[r]` (a ContextAttentionPlan or None)."""
     return context_attention_bias(model, plans, pads, total_len)

@@ -37,7 +37,8 @@ def infosteer_hooks(model: torch.nn.Module, plan: InfoSteerPlan | None):
             h.remove()
 
 
-def hooks(model: torch.nn.Module, plans: list, pads: list[int], total_len: int):
+def hooks(model: torch.nn.Module, plans: list, pads: list[int], total_len: int,
+          prompt_width: int | None = None):
     """The reference for a batch whose row r carries `plans[r]` (an InfoSteerPlan or None): hook
     libraries hold one configuration per batch, so all rows must share one plan."""
     distinct = {p for p in plans if p is not None}
