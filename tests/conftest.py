@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_tiny  # noqa: E402
+from tiny_models import build_tiny, tiny_vectors  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,8 @@ def model_info(model_dir: Path):
 
 
 def make_engine(model_dir: Path, **kw):
-    """A steerable vLLM engine on a local checkpoint (fp32, eager unless told otherwise)."""
+    """A steerable vLLM engine on a local checkpoint (fp32, eager unless told otherwise), serving
+    the checkpoint's test steering vectors when it has them (tiny_models.write_test_vectors)."""
     from vllm import LLM
 
     from steerserve.patches import STEERABLE_ARCHITECTURES
@@ -39,6 +40,15 @@ def make_engine(model_dir: Path, **kw):
         hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
     )
     args.update(kw)
+    vectors = tiny_vectors(model_dir)
+    if vectors:
+        from steerserve.patches.steers.base import SETTINGS_KEY
+        from steerserve.patches.steers.vectors import VECTORS_SETTING
+
+        config = dict(args.get("additional_config") or {})
+        settings = dict(config.get(SETTINGS_KEY) or {})
+        settings.setdefault(VECTORS_SETTING, [{"name": k, "path": v} for k, v in vectors.items()])
+        args["additional_config"] = {**config, SETTINGS_KEY: settings}
     return LLM(**args)
 
 

@@ -30,12 +30,36 @@ def with_spans(plan: SteerPlan, spans) -> SteerPlan:
     return replace(plan, context_attention=replace(plan.context_attention, spans=tuple(spans)))
 
 
+def vector_plan(*terms) -> SteerPlan:
+    """A steering-vectors plan over the tiny models' test vectors (`joy`: layers 1.., `calm`: 1-2),
+    terms (name, scale, layers, positions), built as the server's normalisation would."""
+    from steerserve.patches.steers.vectors import VectorsPlan, VectorTerm
+
+    return SteerPlan(vectors=VectorsPlan(tuple(VectorTerm(*t) for t in terms)))
+
+
+def attach_test_vectors(model) -> None:
+    """Load a tiny checkpoint's test vectors onto its Hugging Face model (for the reference)."""
+    from tiny_models import tiny_vectors
+
+    from steerserve.patches.steers.vectors.reference import attach
+
+    if not hasattr(model, "steer_vectors"):
+        attach(model, tiny_vectors(model.name_or_path))
+
+
 def plans(info) -> dict[str, SteerPlan]:
-    """One plan per InfoSteer mode, on different layer sets, and context-attention plans
-    (normalised as the server does)."""
+    """One plan per InfoSteer mode, on different layer sets, context-attention plans (normalised
+    as the server does) and steering-vector plans."""
     last = info.num_layers - 1
     ctx_heads = [[0, 1], [2, 0], [2, 3], [last, 2]]
     return {
+        "vec": vector_plan(("joy", 1.0, tuple(range(1, info.num_layers)), "all")),
+        "vec_gen": vector_plan(("joy", -1.5, (2, last), "all"), ("calm", 0.8, (1, 2), "generated")),
+        "vec_and_ctx": with_spans(SteerPlan(
+            vectors=vector_plan(("calm", 1.2, (1,), "prompt")).vectors,
+            context_attention=normalise({"context_attention": {"alpha": 0.3, "layers": [1, 3]}}, info).context_attention,
+        ), [(0, 4)]),
         "scale": normalise({"infosteer": {"mode": "scale", "alpha": 2.5, "layers": "all"}}, info),
         "topk": normalise({"infosteer": {"mode": "topk", "alpha": 4.0, "k": 8, "layers": [0, last]}}, info),
         "lift": normalise({"infosteer": {"mode": "lift", "alpha": 3.0, "p": 0.1, "layers": [1, 2]}}, info),
@@ -80,7 +104,8 @@ def check_mixed_batch_bit_identical(llm, info) -> None:
     p = plans(info)
     plain = run(llm, [(t, None) for t in PROMPTS])
     for mixed_plans in ([None, p["scale"], None, p["topk"], p["lift"], None],
-                        [p["ctx_all"], None, p["ctx_heads"], None, p["ctx_and_scale"], None]):
+                        [p["ctx_all"], None, p["ctx_heads"], None, p["ctx_and_scale"], None],
+                        [None, p["vec"], p["vec_gen"], None, p["vec_and_ctx"], None]):
         mixed = run(llm, list(zip(PROMPTS, mixed_plans)))
         for i, plan in enumerate(mixed_plans):
             if plan is None:
@@ -121,7 +146,9 @@ def check_reference_parity(llm, hf_model, info, max_tokens: int = 12) -> float:
     within LOGPROB_TOL, for each mode, in one mixed batch. Returns the max difference seen."""
     p = plans(info)
     items = [(PROMPTS[0], p["scale"]), (PROMPTS[1], None), (PROMPTS[2], p["topk"]), (PROMPTS[3], p["lift"]),
-             (PROMPTS[4], p["ctx_all"]), (PROMPTS[5], p["ctx_heads"]), (PROMPTS[0], p["ctx_and_scale"])]
+             (PROMPTS[4], p["ctx_all"]), (PROMPTS[5], p["ctx_heads"]), (PROMPTS[0], p["ctx_and_scale"]),
+             (PROMPTS[1], p["vec"]), (PROMPTS[2], p["vec_gen"]), (PROMPTS[3], p["vec_and_ctx"])]
+    attach_test_vectors(hf_model)
     outs = run(llm, items, max_tokens)
     worst = 0.0
     for (_, plan), (toks, lps, prompt_ids, _) in zip(items, outs):
@@ -249,9 +276,12 @@ def mix(attention: str, ffn: str) -> SteerPlan:
 
 
 def hf(path):
+    """A Hugging Face model of a checkpoint (with its test steering vectors for the reference)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    attach_test_vectors(model)
+    return model
 
 
 def check_mixing_parity(llm, family) -> float:

@@ -49,4 +49,36 @@ def build_tiny(arch: str, out: Path, dtype: str = "float32", seed: int = 0, num_
                 p.normal_(0.0, 0.08)
     model.to(getattr(torch, dtype)).save_pretrained(out)
     tok.save_pretrained(out)
+    write_test_vectors(out, config.hidden_size, config.num_hidden_layers)
     return out
+
+
+VECTORS_DIR = "steer-vectors"  # beside a tiny checkpoint: its test steering vectors
+
+
+def write_test_vectors(model_dir: Path, hidden: int, num_layers: int) -> dict[str, str]:
+    """Two random steering vectors for a tiny model, in `model_dir/steer-vectors/`: `joy` on every
+    layer but 0 (GGUF, as repeng and llama.cpp write them, norm 3) and `calm` on layers 1-2
+    (steerserve's safetensors, norm 5)."""
+    import numpy as np
+
+    from steerserve.patches.steers.vectors import files
+
+    folder = Path(model_dir) / VECTORS_DIR
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(3)
+
+    def direction(norm):
+        d = rng.standard_normal(hidden).astype(np.float32)
+        return d / np.linalg.norm(d) * norm
+
+    files.write_gguf(folder / "joy.gguf", {i: direction(3.0) for i in range(1, num_layers)}, "llama")
+    files.write_safetensors(folder / "calm.safetensors", {i: direction(5.0) for i in (1, 2) if i < num_layers},
+                            {"base_model": "tiny", "method": "random"})
+    return tiny_vectors(model_dir)
+
+
+def tiny_vectors(model_dir: Path) -> dict[str, str]:
+    """{name: file} of a tiny checkpoint's test vectors ({} when it has none)."""
+    folder = Path(model_dir) / VECTORS_DIR
+    return {f.name.split(".")[0]: str(f) for f in sorted(folder.glob("*")) if f.is_file()} if folder.is_dir() else {}

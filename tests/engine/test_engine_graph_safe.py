@@ -1,6 +1,6 @@
 """Graph-safe steps in a real vLLM engine (eager, float32; `additional_config={"steerserve":
-{"graph_safe_steps": true, ...}}`, holding a fully fine-tuned variant): InfoSteer and TAIA mixing's
-routed sites are served by fixed ops reading persistent buffers every step, with the same
+{"graph_safe_steps": true, ...}}`, holding a fully fine-tuned variant): InfoSteer, TAIA mixing's
+routed sites and steering vectors are served by fixed ops reading persistent buffers every step, with the same
 guarantees as the eager path: unsteered neighbours bit-identical, a neutral plan bit-identical to
 none, logprobs equal to the Hugging Face references; a step over the buffers' capacity runs on the
 eager path."""
@@ -53,7 +53,7 @@ def stats(llm) -> dict:
 
 def test_graph_mode_is_on(llm):
     s = stats(llm)
-    assert s["graph_safe_steps"] and s["buffers"] == ["infosteer", "mixing"]
+    assert s["graph_safe_steps"] and s["buffers"] == ["infosteer", "mixing", "vectors"]
 
 
 def test_mixed_batch_unsteered_rows_bit_identical(llm, tiny_llama):
@@ -95,3 +95,15 @@ def test_taia_mixing(llm, family):
     check_mixing_parity(llm, family)
     after = stats(llm)
     assert after["graph_safe"].get("mixing", 0) > before["graph_safe"].get("mixing", 0)
+
+
+def test_the_fixed_op_served_vectors(llm, tiny_llama):
+    """Steering vectors in graph mode: every step with vector rows is served by the fixed op (a
+    slot per configuration; two configurations and a plain row here)."""
+    before = stats(llm)
+    p = plans(model_info(tiny_llama))
+    run(llm, [("Name three colours.", p["vec"]), ("Count to five.", None), ("Say hello.", p["vec_gen"])])
+    after = stats(llm)
+    graph_steps = after["graph_safe"].get("vectors", 0) - before["graph_safe"].get("vectors", 0)
+    eager_steps = after["eager"].get("vectors", 0) - before["eager"].get("vectors", 0)
+    assert graph_steps >= 12 and eager_steps == 0, (graph_steps, eager_steps)

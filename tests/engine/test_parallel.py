@@ -10,6 +10,8 @@ What is checked, in one mixed batch per engine:
   context attention on global head sets mapped to each rank's local heads; TAIA mixing of a fully
   fine-tuned variant, sharded by vLLM's loaders) give the single-rank engine's greedy tokens, with
   logprobs within LOGPROB_TOL of it and of the pure-torch reference;
+- steering vectors (the residual stream is whole on every TP rank; each PP stage adds its own
+  layers' vectors);
 - proxy tuning at TP=2 (expert and anti-expert sharded like the base) matches the three-model
   reference; plain rows are untouched;
 - the same steers at PP=2.
@@ -56,13 +58,13 @@ def info(tiny_llama):
 
 
 def batch(info) -> list[tuple[str, SteerPlan | None]]:
-    """Plain, every InfoSteer mode, context attention on chosen global heads, and TAIA / tuned /
-    FFN-only mixing rows, interleaved."""
+    """Plain, every InfoSteer mode, context attention on chosen global heads, TAIA / tuned /
+    FFN-only mixing and steering-vector rows, interleaved."""
     p = plans(info)
     return [(PROMPTS[0], None), (PROMPTS[1], p["scale"]), (PROMPTS[2], p["topk"]), (PROMPTS[3], None),
             (PROMPTS[4], p["lift"]), (PROMPTS[5], p["ctx_heads"]), (PROMPTS[0], p["ctx_and_scale"]),
             (PROMPTS[1], mix("tuned", "base")), (PROMPTS[2], mix("tuned", "tuned")),
-            (PROMPTS[3], mix("base", "tuned")), (PROMPTS[4], None)]
+            (PROMPTS[3], mix("base", "tuned")), (PROMPTS[4], None), (PROMPTS[5], p["vec"]), (PROMPTS[0], p["vec_gen"])]
 
 
 @contextlib.contextmanager

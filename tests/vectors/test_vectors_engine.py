@@ -2,16 +2,15 @@
 a 64-token budget, a small KV cache so that a burst is preempted) against the Hugging Face
 reference (`steers/vectors/reference.py`, repeng's hook placement)."""
 
-import numpy as np
 import pytest
 import torch
 from conftest import close_engine, make_engine, model_info
 from engine_checks import LOGPROB_TOL, PROMPTS, _check_prefix_cache_salted, run
+from tiny_models import tiny_vectors
 
 from steerserve.patches.plan import SteerPlan
 from steerserve.patches.reference import token_logprobs
-from steerserve.patches.steers.vectors import VECTORS_SETTING, VectorsPlan, VectorTerm
-from steerserve.patches.steers.vectors import files, reference
+from steerserve.patches.steers.vectors import VectorsPlan, VectorTerm, reference
 from steerserve.server import family as _family
 from steerserve.server.schema import SteerError, normalise
 
@@ -20,26 +19,10 @@ pytestmark = pytest.mark.engine
 NUM_BLOCKS = 6  # x 128 tokens: less than the preemption burst below needs
 
 
-def write_vectors(folder, hidden: int, num_layers: int) -> dict[str, str]:
-    """Two random vectors: `joy` on every layer but 0 (GGUF, as repeng and llama.cpp write them)
-    and `calm` on layers 1-2 (safetensors)."""
-    rng = np.random.default_rng(3)
-
-    def direction(norm):
-        d = rng.standard_normal(hidden).astype(np.float32)
-        return d / np.linalg.norm(d) * norm
-
-    joy = folder / "joy.gguf"
-    files.write_gguf(joy, {i: direction(3.0) for i in range(1, num_layers)}, "llama")
-    calm = folder / "calm.safetensors"
-    files.write_safetensors(calm, {i: direction(5.0) for i in (1, 2)}, {"base_model": "tiny", "method": "random"})
-    return {"joy": str(joy), "calm": str(calm)}
-
-
 @pytest.fixture(scope="module")
-def vector_files(tiny_llama, tmp_path_factory):
-    info = model_info(tiny_llama)
-    return write_vectors(tmp_path_factory.mktemp("vectors"), info.hidden_size, info.num_layers)
+def vector_files(tiny_llama):
+    """The tiny model's test vectors: `joy` (GGUF, layers 1-3) and `calm` (safetensors, layers 1-2)."""
+    return tiny_vectors(tiny_llama)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +36,10 @@ def info(tiny_llama, vector_files):
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama, vector_files, info):
-    settings = {VECTORS_SETTING: [{"name": k, "path": v} for k, v in vector_files.items()]}
+def llm(tiny_llama, info):
+    # make_engine serves the checkpoint's test vectors (engine setting "vectors")
     engine = make_engine(tiny_llama, max_num_batched_tokens=64, num_gpu_blocks_override=NUM_BLOCKS,
-                         max_model_len=256, disable_log_stats=False, additional_config={"steerserve": settings})
+                         max_model_len=256, disable_log_stats=False)
     yield engine
     close_engine(engine)
 
