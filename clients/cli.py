@@ -56,6 +56,14 @@ def main(argv: list[str] | None = None) -> None:
 
     add_demo_args(train_sub.add_parser(
         "proxy-demo", help="build a proxy-tuning family: derived anti-expert, its tuned expert, a tuned base"))
+    from steerserve.training.vectors import add_vector_args
+
+    add_vector_args(train_sub.add_parser(
+        "vectors", help="extract a residual steering vector from contrastive pairs (pca_diff or caa; GGUF + safetensors)"))
+    from steerserve.training.vector_eval import add_vector_eval_args
+
+    add_vector_eval_args(train_sub.add_parser(
+        "eval-vectors", help="effect of a steering vector: offline sentiment of generations over a scale sweep"))
     from steerserve.training.proxy_eval import add_proxy_eval_args
 
     add_proxy_eval_args(train_sub.add_parser(
@@ -116,6 +124,14 @@ def main(argv: list[str] | None = None) -> None:
             from steerserve.training.proxy_eval import run_proxy_eval
 
             run_proxy_eval(args)
+        elif args.train_command == "vectors":
+            from steerserve.training.vectors import run_train_vectors
+
+            run_train_vectors(args)
+        elif args.train_command == "eval-vectors":
+            from steerserve.training.vector_eval import run_vector_eval
+
+            run_vector_eval(args)
         elif args.train_command == "proxy-demo":
             from steerserve.training.proxy_demo import run_demo
 

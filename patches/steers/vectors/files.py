@@ -149,7 +149,7 @@ def check(name: str, path: str | Path, hidden_size: int | None, num_layers: int 
     model = meta.pop("model", None) or meta.get("base_model") or meta.get("model_type")
     meta.pop("steerserve.format", None)
     return VectorInfo(name, str(Path(path).resolve()), fmt, size, tuple(directions), norms, model,
-                      {k: v for k, v in meta.items() if k in ("base_model", "method", "model_type", "source", "layers")})
+                      {k: v for k, v in meta.items() if k in ("base_model", "base_digest", "method", "model_type", "source", "pairs")})
 
 
 def write_safetensors(path: str | Path, directions: dict[int, np.ndarray], metadata: dict) -> None:
