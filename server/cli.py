@@ -79,7 +79,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "(direction.<layer> tensors) or a safetensors file written by `steerserve train vectors`. "
                         'Requests add it with `steer.vectors: [{"name": NAME, "scale": 1.0}]` (docs/vectors.md); '
                         "GET /v1/steer/vectors lists them. Checked against the model at start-up. Also config key "
-                        "`vectors: {NAME: FILE}`")
+                        "`vectors: {NAME: FILE}`. Serving the embedded model loads its demo vector as `happy` unless "
+                        "a vector is given")
     par = p.add_argument_group("parallelism (vLLM's own executors; every steer works under them)")
     par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                      help="shard every layer over N devices (default 1). The model's attention heads and FFN "
@@ -354,6 +355,11 @@ def serve(args: argparse.Namespace) -> None:
         _family.prepare_vectors(list(args.vector), model, fam)
         if args.config:
             _family.prepare_vectors(_config_vectors(args.config), model, fam)
+        from steerserve.server.model_store import EMBEDDED_DEMO_VECTOR
+
+        if not args.model and not fam.vectors and EMBEDDED_DEMO_VECTOR.exists():
+            # the embedded model's demo vector (docs/vectors.md), as its head set is its default
+            _family.prepare_vectors({"happy": str(EMBEDDED_DEMO_VECTOR)}, model, fam)
     except _family.FamilyError as err:
         raise SystemExit(f"steerserve serve: --vector: {err}") from None
     check_parallel(args.tensor_parallel_size, args.pipeline_parallel_size, model,

@@ -17,6 +17,9 @@ from pathlib import Path
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".steerserve-complete"
+# the embedded model's demo steering vector (`steerserve train vectors --persona happy,sad`, see
+# docs/vectors.md), served as `happy` with the embedded model unless --vector names one
+EMBEDDED_DEMO_VECTOR = Path(__file__).parent / "data" / "smollm2-135m-instruct.happy.safetensors"
 
 
 def cache_root() -> Path:
