@@ -28,6 +28,7 @@ profiles:
   strong: {infosteer: {alpha: 3.0}}
   middle-lift: {infosteer: {mode: lift, alpha: 2.0, p: 0.02, layers: [10, 11, 12]}}
   focus: {context_attention: {alpha: 0.3, heads: mid}}
+  gloomy: {vectors: [{name: happy, scale: -8.0}]}
 experiments:
   tone:
     arms:
@@ -145,6 +146,14 @@ BAD = [
     ({"mixing": 3}, "steer.mixing"),
     ({"context_indicator": True}, "steer.context_indicator"),  # not trained with one
     ({"context_indicator": "yes"}, "steer.context_indicator"),
+    ({"vectors": []}, "steer.vectors"),
+    ({"vectors": {"name": "happy"}}, "steer.vectors"),
+    ({"vectors": [{"name": "nope"}]}, "steer.vectors[0].name"),
+    ({"vectors": [{"name": "happy", "scale": 1000}]}, "steer.vectors[0].scale"),
+    ({"vectors": [{"name": "happy", "scale": 1}, {"name": "happy", "layers": [0]}]}, "steer.vectors[1].layers[0]"),
+    ({"vectors": [{"name": "happy", "positions": "later"}]}, "steer.vectors[0].positions"),
+    ({"vectors": [{"name": "happy", "weight": 2}]}, "steer.vectors[0].weight"),
+    ({"vectors": [{"name": "happy"}] * 9}, "steer.vectors"),
 ]
 
 
@@ -617,3 +626,63 @@ def test_steering_doc_shell_examples_run_as_written(server):
         out = subprocess.run([str(Path(sys.executable).parent / "steerserve"), *argv[1:]], stdin=subprocess.DEVNULL,
                              capture_output=True, text=True, timeout=300, env=env)
         assert out.returncode == 0, (command, out.stdout[-500:], out.stderr[-1500:])
+
+
+DAY = [{"role": "user", "content": "How was your day?"}]
+
+
+def test_steering_vectors_over_http(server, client):
+    """The embedded model's demo vector (served as `happy` by default): listed, applied per request
+    with its echo, shifting the reply's sentiment (VADER) both ways, composing with the other
+    steers and profiles; scale 0 is the plain reply."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    (happy,) = httpx.get(f"{server}/v1/steer/vectors", headers=auth).json()["data"]
+    assert happy["name"] == "happy" and happy["format"] == "safetensors" and happy["layers"] == list(range(1, 30))
+    assert all(abs(n - 1.0) < 1e-4 for n in happy["norms"].values()) and happy["metadata"]["method"] == "pca_diff"
+    assert "path" not in happy  # no server paths
+    score = SentimentIntensityAnalyzer().polarity_scores
+    plain = chat(client, messages=DAY, max_tokens=40).choices[0].message.content
+    sad = chat(client, Steer().vector("happy", -8).to_dict(), messages=DAY, max_tokens=40)
+    assert sad.model_extra["steer"]["applied"] == [{"steer": "vectors", "terms": [
+        {"name": "happy", "scale": -8.0, "layers": list(range(1, 30)), "positions": "all"}]}]
+    glad = chat(client, Steer().vector("happy", 6, layers=list(range(5, 25))).to_dict(), messages=DAY, max_tokens=40)
+    sad_text, glad_text = sad.choices[0].message.content, glad.choices[0].message.content
+    assert score(sad_text)["compound"] < score(plain)["compound"] - 0.5, (plain, sad_text)
+    assert score(glad_text)["compound"] > 0.5 and glad_text != plain
+    assert chat(client, {"profile": "gloomy"}, messages=DAY, max_tokens=40).choices[0].message.content == sad_text
+    zero = chat(client, Steer().vector("happy", 0).to_dict(), messages=DAY, max_tokens=40)
+    assert zero.model_extra["steer"]["applied"] == [] and zero.choices[0].message.content == plain
+    both = chat(client, {"vectors": [{"name": "happy", "scale": -4, "positions": "generated"}],
+                         "infosteer": {"alpha": 1.5, "layers": [3]}, "context_attention": {"alpha": 0.5}},
+                messages=DAY, max_tokens=8)
+    assert [a["steer"] for a in both.model_extra["steer"]["applied"]] == ["vectors", "infosteer", "context_attention"]
+    env = dict(os.environ, STEERSERVE_API_KEY=API_KEY)
+    out = subprocess.run([sys.executable, "-m", "steerserve.clients.cli", "chat", "How was your day?", "--base-url",
+                          f"{server}/v1", "--vector", "happy:-8", "--max-tokens", "40", "--temperature", "0",
+                          "--no-stream"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == sad_text.strip()
+    text = httpx.get(f"{server}/metrics").text
+    assert 'steerserve_requests_total{endpoint="chat",steer="vectors"}' in text
+
+
+def test_a_vector_the_model_cannot_take_refuses_start_up(tmp_path):
+    """Start-up refusals name the flag, the file and the field; no engine starts."""
+    import numpy as np
+
+    from steerserve.patches.steers.vectors import files
+
+    wrong = tmp_path / "wrong.gguf"
+    files.write_gguf(wrong, {3: np.ones(64, dtype=np.float32)}, "llama")
+    deep = tmp_path / "deep.safetensors"
+    files.write_safetensors(deep, {40: np.ones(576, dtype=np.float32)}, {})
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a vector")
+    for value, expected in [(f"w={wrong}", "hidden size 64"), (f"d={deep}", "direction.40: layer 40 out of range"),
+                            (f"j={junk}", "unknown vector file format"), (f"m={tmp_path / 'missing.gguf'}", "no such"),
+                            ("nofile", "expected NAME=FILE")]:
+        out = subprocess.run([sys.executable, "-m", "steerserve.clients.cli", "serve", "--vector", value, "--port", "1"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "--vector" in out.stderr and expected in out.stderr, out.stderr[-600:]
