@@ -9,6 +9,8 @@ distinct configuration as its own batch. Prints tokens/s and the ratios, writes 
 `--steer infosteer` (default): all layers, scale; the mix is half and half.
 `--steer mixing`: TAIA mixing with a fully fine-tuned variant (see `bench_mixing`).
 `--steer proxy`: proxy tuning with an expert / anti-expert pair (see `bench_proxy`).
+`--steer vectors`: residual steering vectors, shared and K distinct configurations, vs repeng's
+hooks (see `bench_vectors`).
 `--steer context`: context attention with ~500-token user contexts, emphasis on the user message,
 8 middle layers, all heads; the mix is 25% steered, and the unsteered rows' own decode time in the
 mix is compared with the all-plain run (per-request engine timestamps).
@@ -39,9 +41,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of engine workloads (default 3); speeds are medians, engine ratios are medians "
                         "of per-round ratios")
-    p.add_argument("--steer", choices=["infosteer", "context", "mixing", "proxy"], default="infosteer",
+    p.add_argument("--steer", choices=["infosteer", "context", "mixing", "proxy", "vectors"], default="infosteer",
                    help="which steer to measure (default infosteer); mixing: TAIA with a fully fine-tuned variant "
-                        "(clients/bench_mixing.py); proxy: proxy tuning (clients/bench_proxy.py)")
+                        "(clients/bench_mixing.py); proxy: proxy tuning (clients/bench_proxy.py); vectors: residual "
+                        "steering vectors (clients/bench_vectors.py)")
+    p.add_argument("--vector", default=None, metavar="FILE",
+                   help="vectors only: the main vector (default: the embedded model's demo vector; needed with --model)")
+    p.add_argument("--vector-scale", type=float, default=4.0, help="vectors only: scale of the configurations (default 4)")
     p.add_argument("--proxy", default=None, metavar="EXPERT,ANTI_EXPERT",
                    help="proxy only: the pair's checkpoints (default: an anti-expert derived from --model, every "
                         "2nd layer, and a perturbed copy of it as the expert)")
@@ -75,6 +81,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         from .bench_mixing import run_mixing_bench
 
         return run_mixing_bench(args)
+    if args.steer == "vectors":
+        from .bench_vectors import run_vectors_bench
+
+        return run_vectors_bench(args)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM

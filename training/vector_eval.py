@@ -57,7 +57,7 @@ def run_vector_eval(args: argparse.Namespace) -> None:
     from steerserve.patches.adapter.runner import shutdown_engine
     from steerserve.patches.plan import engine_args
     from steerserve.patches.steers.base import SETTINGS_KEY, ModelInfo
-    from steerserve.patches.steers.vectors import VECTORS_SETTING, files
+    from steerserve.patches.steers.vectors import VECTORS_SETTING
     from steerserve.server import family as _family
     from steerserve.server.model_store import EMBEDDED_DEMO_VECTOR, ensure_embedded_model
     from steerserve.server.schema import SteerError, normalise

@@ -9,12 +9,12 @@ from steerserve.clients.bench import add_bench_args, run_bench
 pytestmark = pytest.mark.engine
 
 
-def bench_args(model, out, steer):
+def bench_args(model, out, steer, *more):
     """`steerserve bench` arguments for a tiny workload: 4 requests x 4 tokens, float32, one round."""
     p = argparse.ArgumentParser()
     add_bench_args(p)
     return p.parse_args(["--model", str(model), "--requests", "4", "--max-tokens", "4", "--dtype", "float32",
-                         "--out", str(out), "--steer", steer, "--repeats", "1"])
+                         "--out", str(out), "--steer", steer, "--repeats", "1", *more])
 
 
 @pytest.mark.parametrize("steer,mixed", [("infosteer", "half_half"), ("context", "quarter_steered")])
@@ -50,3 +50,17 @@ def test_proxy_bench_runs(tiny_llama, tmp_path):
     assert all(v > 0 for v in results["tok_per_s"].values())
     assert all(v == v for v in results["ratios"].values()), results["ratios"]  # no NaN
     assert "proxy_cost_over_sum_of_three_plain_costs" in results["ratios"] and out.exists()
+
+
+def test_vectors_bench_runs(tiny_llama, tmp_path):
+    from tiny_models import tiny_vectors
+
+    out = tmp_path / "bench.json"
+    results = run_bench(bench_args(tiny_llama, out, "vectors", "--vector", tiny_vectors(tiny_llama)["joy"]))
+    assert set(results["tok_per_s"]) == {
+        "plain", "plain_control", "shared_all_layers", "distinct_8", "distinct_4", "quarter_shared",
+        "hf_plain", "hf_shared_all_layers", "hf_distinct_4"}
+    assert results["config"]["hooks_baseline"] == "repeng"
+    assert all(v > 0 for v in results["tok_per_s"].values())
+    assert all(v == v for v in results["ratios"].values()), results["ratios"]  # no NaN
+    assert "engine_vs_repeng_distinct_4" in results["ratios"] and out.exists()
