@@ -35,7 +35,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=1.5, help="InfoSteer scale alpha of the shared configuration")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine (default eager)")
     p.add_argument("--graph-safe", action="store_true",
-                   help="infosteer and context: run the engine with graph-safe steps (the steers that have a "
+                   help="infosteer, context and vectors: run the engine with graph-safe steps (the steers that have a "
                         "graph-safe form read persistent buffers through fixed ops every step; docs/gpu.md)")
     p.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face reference runs")
     p.add_argument("--repeats", type=int, default=3,

@@ -148,9 +148,11 @@ def run_vectors_bench(args: argparse.Namespace) -> dict:
     mode = "compiled" if args.compile else "eager"
     _log(f"engine: {model_dir.name}, {args.dtype}, {mode}; {n} requests x {T} tokens; vectors {', '.join(names)} "
          f"on {len(layers)} layers")
+    settings = {VECTORS_SETTING: [{"name": k, "path": v} for k, v in vectors.items()]}
+    if args.graph_safe:  # the fixed op on every layer of every step, reading the buffers (docs/gpu.md)
+        settings["graph_safe_steps"] = True
     times, decode = measure_engine(model_dir, prompts, T, workloads, "vectors:", args.repeats, args.dtype,
-                                   args.compile, settings={VECTORS_SETTING: [{"name": k, "path": v}
-                                                                             for k, v in vectors.items()]})
+                                   args.compile, settings=settings)
     runs = {k: n * T / statistics.median(v) for k, v in times.items()}
     rows = [i for i in range(n) if workload_configs["quarter_shared"][i] is None]
     plain_rows = statistics.median(
@@ -198,7 +200,8 @@ def run_vectors_bench(args: argparse.Namespace) -> dict:
           f"{EASYSTEER['distinct_32']:>12.2f}")
     results = {"config": {"model": model_dir.name, "vectors": {k: Path(v).name for k, v in vectors.items()},
                           "layers": len(layers), "scale": scale, "requests": n, "max_tokens": T, "dtype": args.dtype,
-                          "mode": mode, "repeats": args.repeats, "hooks_baseline": baseline},
+                          "mode": mode, "graph_safe_steps": bool(args.graph_safe), "repeats": args.repeats,
+                          "hooks_baseline": baseline},
                "tok_per_s": runs, "ratios": ratios, "easysteer": EASYSTEER}
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -3,7 +3,7 @@ decoder layers (the residual stream after each layer).
 
 Surfaces: vLLM's Llama/Qwen2 gated MLP layout (`gate_up_proj`, `act_fn`, `down_proj`; under tensor
 parallelism `MergedColumnParallelLinear` gate/up and `RowParallelLinear` down), the decoder layer's
-`forward(positions, hidden_states, residual) -> (hidden_states, residual)` (a split residual
+`forward(positions, hidden_states, residual, **extra) -> (hidden_states, residual)` (a split residual
 stream: the next layer's fused add-norm, or the final norm, adds the halves), and
 `extract_layer_index`.
 """
@@ -83,8 +83,8 @@ class _SteerableDecoderLayerMixin:
     steer_layer: int
     steer_handle: StepHandle
 
-    def forward(self, positions, hidden_states, residual):
-        hidden_states, residual = super().forward(positions, hidden_states, residual)
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
         residual_steer(hidden_states, self.steer_handle.index, self.steer_layer)
         return hidden_states, residual
 

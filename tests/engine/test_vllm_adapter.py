@@ -44,6 +44,12 @@ def test_runner_hook_installed_once():
 
 def test_batch_and_request_state_fields():
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    # each request's first position in the step (steering vectors' prompt / generated split):
+    # the runner computes positions as num_computed_tokens_cpu[request] + offset
+    assert "self.num_computed_tokens_cpu = " in inspect.getsource(InputBatch.__init__)
+    assert "self.input_batch.num_computed_tokens_cpu[req_indices]" in inspect.getsource(GPUModelRunner)
 
     assert "sampling_params" in CachedRequestState.__dataclass_fields__
     # the context-attention span check compares the plan's prompt length with this
@@ -59,12 +65,14 @@ def test_step_requests_on_a_fake_runner():
     plan = SteerPlan(infosteer=InfoSteerPlan(layers=(0,), mode="scale", alpha=2.0))
     mk = lambda extra: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))  # noqa: E731
     fake = SimpleNamespace(
-        input_batch=SimpleNamespace(num_reqs=3, req_ids=["a", "b", "c", "stale"]),
+        input_batch=SimpleNamespace(num_reqs=3, req_ids=["a", "b", "c", "stale"],
+                                    num_computed_tokens_cpu=np.array([0, 12, 0, 0])),
         query_start_loc=SimpleNamespace(np=np.array([0, 5, 6, 9, 9])),
         requests={"a": mk(None), "b": mk({"steer": plan.to_json()}), "c": mk({"steer": plan.to_json()}),
                   "stale": mk({"steer": plan.to_json()})},
     )
-    assert runner.step_requests(fake) == [(plan, RequestRows(1, 5, 6, "b")), (plan, RequestRows(2, 6, 9, "c"))]
+    assert runner.step_requests(fake) == [(plan, RequestRows(1, 5, 6, "b", None, 12)),
+                                          (plan, RequestRows(2, 6, 9, "c", None, 0))]
     # the proxy engine's step: proxy rows by pair (alpha 0: none)
     from steerserve.patches.plan import ProxyPlan
     from steerserve.patches.steers.proxy.engine import ENGINE as PROXY
@@ -85,6 +93,24 @@ def test_runner_metadata_surfaces():
     assert "self.attn_groups: list[list[AttentionGroup]]" in inspect.getsource(GPUModelRunner.__init__)
     assert "layer_names" in AttentionGroup.__dataclass_fields__
     assert hasattr(GPUModelRunner, "get_model")
+
+
+def test_decoder_layer_surface():
+    """The residual hook point: decoder layers take (positions, hidden_states, residual, **extra)
+    and return the split stream (hidden_states, residual), whose halves the next layer's fused
+    add-norm and the final norm add."""
+    from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
+    from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2Model
+
+    for cls in (LlamaDecoderLayer, Qwen2DecoderLayer):
+        assert list(inspect.signature(cls.forward).parameters)[:4] == ["self", "positions", "hidden_states", "residual"]
+        assert "return hidden_states, residual" in inspect.getsource(cls.forward)
+        init = inspect.getsource(cls.__init__)
+        for attr in ("self.input_layernorm", "self.post_attention_layernorm", "self.self_attn", "self.mlp"):
+            assert attr in init, f"{cls.__name__} lost {attr}"
+    for cls in (LlamaModel, Qwen2Model):
+        src = inspect.getsource(cls.forward)
+        assert "hidden_states, residual = layer(" in src and "self.norm(hidden_states, residual)" in src
 
 
 def test_mlp_layout_and_layer_index():
@@ -301,7 +327,8 @@ def test_engine_refuses_unsigned_plans_on_a_fake_runner(monkeypatch, caplog):
     plan = SteerPlan(infosteer=InfoSteerPlan(layers=(0,), mode="scale", alpha=2.0))
     extras = [plan_mod.engine_args(plan), {"steer": plan.to_json()}, {"steer": "garbage"}]
     fake = SimpleNamespace(
-        input_batch=SimpleNamespace(num_reqs=3, req_ids=["signed", "unsigned", "garbage"]),
+        input_batch=SimpleNamespace(num_reqs=3, req_ids=["signed", "unsigned", "garbage"],
+                                    num_computed_tokens_cpu=np.zeros(3, dtype=np.int64)),
         query_start_loc=SimpleNamespace(np=np.array([0, 2, 4, 6])),
         requests={rid: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
                   for rid, extra in zip(["signed", "unsigned", "garbage"], extras)},

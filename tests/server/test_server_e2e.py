@@ -218,8 +218,9 @@ def test_chat_cli(server):
 
 def test_profiles_listed_used_and_overridden(server, client):
     listed = httpx.get(f"{server}/v1/steer/profiles", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    assert [p["name"] for p in listed["data"]] == ["focus", "middle-lift", "strong"]
-    assert listed["data"][1]["applied"][0]["lifted_per_token"] == 30
+    assert [p["name"] for p in listed["data"]] == ["focus", "gloomy", "middle-lift", "strong"]
+    assert listed["data"][1]["applied"][0]["terms"][0]["layers"] == list(range(1, 30))  # the demo vector's
+    assert listed["data"][2]["applied"][0]["lifted_per_token"] == 30
     by_profile = chat(client, {"profile": "strong"}, logprobs=True)
     direct = chat(client, {"infosteer": {"alpha": 3.0}}, logprobs=True)
     assert by_profile.model_extra["steer"]["profile"] == "strong"
@@ -230,7 +231,7 @@ def test_profiles_listed_used_and_overridden(server, client):
     assert overridden.model_extra["steer"]["applied"][0]["mode"] == "lift"
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, {"profile": "missing"})
-    assert info.value.body["param"] == "steer.profile" and "focus, middle-lift, strong" in info.value.message
+    assert info.value.body["param"] == "steer.profile" and "focus, gloomy, middle-lift, strong" in info.value.message
 
 
 def test_ab_compare_side_by_side(server, client):
@@ -652,6 +653,10 @@ def test_steering_vectors_over_http(server, client):
     assert score(sad_text)["compound"] < score(plain)["compound"] - 0.5, (plain, sad_text)
     assert score(glad_text)["compound"] > 0.5 and glad_text != plain
     assert chat(client, {"profile": "gloomy"}, messages=DAY, max_tokens=40).choices[0].message.content == sad_text
+    body = {"model": MODEL, "messages": DAY, "max_tokens": 40, "temperature": 0,
+            "arms": [{"name": "plain", "steer": {}}, {"name": "sad", "steer": {"vectors": [{"name": "happy", "scale": -8}]}}]}
+    arms = httpx.post(f"{server}/v1/ab/compare", json=body, headers=auth, timeout=120).json()["arms"]
+    assert [a["choices"][0]["message"]["content"] for a in arms] == [plain, sad_text]  # one batch, two arms
     zero = chat(client, Steer().vector("happy", 0).to_dict(), messages=DAY, max_tokens=40)
     assert zero.model_extra["steer"]["applied"] == [] and zero.choices[0].message.content == plain
     both = chat(client, {"vectors": [{"name": "happy", "scale": -4, "positions": "generated"}],
@@ -686,3 +691,27 @@ def test_a_vector_the_model_cannot_take_refuses_start_up(tmp_path):
         out = subprocess.run([sys.executable, "-m", "steerserve.clients.cli", "serve", "--vector", value, "--port", "1"],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and "--vector" in out.stderr and expected in out.stderr, out.stderr[-600:]
+
+
+def test_vectors_doc_examples_run_as_written(server):
+    """docs/vectors.md's Python example and `steerserve chat` lines, run against this server (only
+    the address and the served name substituted)."""
+    import re
+    import shlex
+
+    env = {**os.environ, "STEERSERVE_API_KEY": API_KEY, "STEERSERVE_URL": f"{server}/v1"}
+    text = (Path(__file__).resolve().parents[2] / "docs" / "vectors.md").read_text()
+    (python,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "OpenAI(" in b]
+    code = python.replace("http://127.0.0.1:8000", server).replace("SmolLM2-135M-Instruct", MODEL)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "'positions': 'generated'" in out.stdout and "'scale': -8.0" in out.stdout
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "steerserve chat" in b]
+    commands = [c for c in block.splitlines() if c.startswith("steerserve chat")]
+    assert len(commands) >= 2
+    for command in commands:
+        argv = shlex.split(command, comments=True)
+        assert "--max-tokens" in argv, command
+        out = subprocess.run([str(Path(sys.executable).parent / "steerserve"), *argv[1:]], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0 and out.stdout.strip(), (command, out.stdout[-500:], out.stderr[-1500:])
