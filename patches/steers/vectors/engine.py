@@ -107,35 +107,49 @@ class VectorBuffers:
         return True
 
     def apply_(self, hidden: torch.Tensor, layer: int) -> None:
-        n = hidden.shape[0]
-        hidden += self.table[layer].index_select(0, self.slot_of_row[:n])
+        vectors_fixed_(hidden, self.table[layer], self.slot_of_row)
+
+
+def vectors_fixed_(hidden: torch.Tensor, table: torch.Tensor, slot_of_row: torch.Tensor) -> None:
+    """The graph-safe op of one layer: every row adds its slot's vector (`table`: [slots, hidden],
+    slot 0 zeros); the same two kernels whatever the buffers hold."""
+    hidden += table.index_select(0, slot_of_row[: hidden.shape[0]])
 
 
 class VectorStore:
     """A model instance's vectors on the device (`handle.resources["vectors"]`), the dense form of
     the configurations steps used (cached) and the last step's table."""
 
-    def __init__(self, model: torch.nn.Module, items: list[dict]) -> None:
-        config = model.steer_vllm_config.model_config
-        text = config.hf_text_config
-        self.num_layers = int(text.num_hidden_layers)
-        self.hidden_size = int(text.hidden_size)
-        self.dtype = config.dtype
-        self.device = next(model.parameters()).device
-        self.vectors: dict[str, torch.Tensor] = {}  # name -> [num_layers, hidden] float32 (zeros where absent)
+    def __init__(self, num_layers: int, hidden_size: int, dtype: torch.dtype, device: torch.device | str,
+                 vectors: dict[str, torch.Tensor] | None = None) -> None:
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.device = device
+        # name -> [num_layers, hidden] float32 on the device (zeros on layers the vector lacks)
+        self.vectors: dict[str, torch.Tensor] = {k: v.to(device, torch.float32) for k, v in (vectors or {}).items()}
         self._dense: OrderedDict[Config, torch.Tensor] = OrderedDict()
         self.table_key: tuple | None = None
         self.table: torch.Tensor | None = None
         self.missing: set[str] = set()  # requests naming vectors not loaded here (logged once each)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, items: list[dict]) -> VectorStore:
+        """The vectors of the engine setting (`[{"name", "path"}]`) for a vLLM model."""
+        config = model.steer_vllm_config.model_config
+        text = config.hf_text_config
+        num_layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
+        vectors = {}
         for item in items:
             _, directions, _ = read_directions(item["path"])
-            dense = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float32)
+            dense = torch.zeros(num_layers, hidden, dtype=torch.float32)
             for layer, d in directions.items():
-                if layer >= self.num_layers or d.shape[0] != self.hidden_size:
+                if layer >= num_layers or d.shape[0] != hidden:
                     raise ValueError(f"steering vector {item['name']!r} ({item['path']}): direction.{layer} does not "
-                                     f"fit the model ({self.num_layers} layers, hidden size {self.hidden_size})")
+                                     f"fit the model ({num_layers} layers, hidden size {hidden})")
                 dense[layer] = torch.from_numpy(d)
-            self.vectors[item["name"]] = dense.to(self.device)
+            vectors[item["name"]] = dense
+        return cls(num_layers, hidden, config.dtype, next(model.parameters()).device, vectors)
 
     def dense(self, config: Config) -> torch.Tensor:
         """The configuration's per-layer sum of scale * direction (summed in float32, then the
@@ -170,7 +184,7 @@ class VectorEngine(SteerEngine):
     settings_keys = (VECTORS_SETTING, "graph_vector_configs")
 
     def install(self, model: torch.nn.Module, handle: StepHandle) -> None:
-        handle.resources[self.name] = VectorStore(model, handle.settings.get(VECTORS_SETTING) or [])
+        handle.resources[self.name] = VectorStore.for_model(model, handle.settings.get(VECTORS_SETTING) or [])
 
     # --- graph mode --------------------------------------------------------------------------
     def make_buffers(self, model, handle: StepHandle) -> VectorBuffers | None:
