@@ -52,16 +52,20 @@ def make_mlps_steerable(model: torch.nn.Module, handle: StepHandle) -> int:
     rank, world = tensor_parallel()
     if world > 1:
         handle.shards = (gather_last_dim(), rank)
-    swapped = 0
-    for layer, mlp in mlp_modules(model):
-        cls = type(mlp)
+    return _make_steerable(mlp_modules(model), _SteerableMLPMixin, handle)
+
+
+def _make_steerable(modules: list[tuple[int, torch.nn.Module]], mixin: type, handle: StepHandle) -> int:
+    """Swap each module's class for `mixin` over its own class (one subclass per class, cached),
+    in place, and give it its layer index and the handle. Returns the number swapped."""
+    for layer, module in modules:
+        cls = type(module)
         if cls not in _steerable_classes:
-            _steerable_classes[cls] = type(f"Steerable{cls.__name__}", (_SteerableMLPMixin, cls), {})
-        mlp.__class__ = _steerable_classes[cls]
-        mlp.steer_layer = layer
-        mlp.steer_handle = handle
-        swapped += 1
-    return swapped
+            _steerable_classes[cls] = type(f"Steerable{cls.__name__}", (mixin, cls), {})
+        module.__class__ = _steerable_classes[cls]
+        module.steer_layer = layer
+        module.steer_handle = handle
+    return len(modules)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
@@ -92,13 +96,4 @@ class _SteerableDecoderLayerMixin:
 def make_decoder_layers_steerable(model: torch.nn.Module, handle: StepHandle) -> int:
     """Swap every decoder layer of `model` for a steerable subclass of its own class, in place
     (as `make_mlps_steerable`), calling `handle`'s residual hook. Returns the number swapped."""
-    swapped = 0
-    for layer, module in decoder_layers(model):
-        cls = type(module)
-        if cls not in _steerable_classes:
-            _steerable_classes[cls] = type(f"Steerable{cls.__name__}", (_SteerableDecoderLayerMixin, cls), {})
-        module.__class__ = _steerable_classes[cls]
-        module.steer_layer = layer
-        module.steer_handle = handle
-        swapped += 1
-    return swapped
+    return _make_steerable(decoder_layers(model), _SteerableDecoderLayerMixin, handle)

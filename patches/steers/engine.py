@@ -334,71 +334,47 @@ def handle_stats(model: torch.nn.Module) -> dict:
     return {**handle.stats, "graph_safe_steps": handle.graph_safe, "buffers": sorted(handle.buffers)}
 
 
-def ffn_hook(x: torch.Tensor, handle: int, layer: int) -> None:
-    """The FFN-coefficients hook point (eager body of the registered op): the graph-safe ops
-    (every step, graph mode), then the step's `ffn_` hooks."""
-    h = HANDLES[handle]
-    for engine, buffers in h.fixed_ffn:
-        engine.ffn_fixed_(buffers, x, layer)
-    step = h.step
-    if step is None:
-        return
-    for engine, state in step.calls("ffn_"):
-        engine.ffn_(state, x, layer)
+def _layer_hook_point(kind: str):
+    """A per-layer hook point: its eager body, its registered op and what the layers call.
+
+    The body runs the graph-safe ops (every step in graph mode: `handle.fixed_<kind>`, each
+    engine's `<kind>_fixed_`), then the step's `<kind>_` hooks. The registered op
+    `steerserve::<kind>_steer_` is opaque to torch.compile, so a compiled graph calls it every step
+    and its Python body reads that step's state (a Python branch on the step would be traced once,
+    with no step, and never run again). Layers call the op under torch.compile, else the body
+    (without the dispatcher's per-call cost on every layer of every eager step), and skip both
+    when the step has no steering and no graph-safe op is installed."""
+    fixed_attr, fixed_method, hook = f"fixed_{kind}", f"{kind}_fixed_", f"{kind}_"
+
+    def body(x: torch.Tensor, handle: int, layer: int) -> None:
+        h = HANDLES[handle]
+        for engine, buffers in getattr(h, fixed_attr):
+            getattr(engine, fixed_method)(buffers, x, layer)
+        step = h.step
+        if step is None:
+            return
+        for engine, state in step.calls(hook):
+            getattr(engine, hook)(state, x, layer)
+
+    op = torch.library.custom_op(f"steerserve::{kind}_steer_", body, mutates_args=("x",))
+
+    @op.register_fake
+    def _(x: torch.Tensor, handle: int, layer: int) -> None:
+        return None
+
+    def call(x: torch.Tensor, handle: int, layer: int) -> None:
+        if torch.compiler.is_compiling():
+            op(x, handle, layer)
+        elif HANDLES[handle].step is not None or getattr(HANDLES[handle], fixed_attr):
+            body(x, handle, layer)
+
+    return body, op, call
 
 
-@torch.library.custom_op("steerserve::ffn_steer_", mutates_args=("x",))
-def ffn_steer_(x: torch.Tensor, handle: int, layer: int) -> None:
-    """`ffn_hook` as a registered op: opaque to torch.compile, so a compiled graph calls it every
-    step and its Python body reads that step's state (a Python branch on the step would be traced
-    once, with no step, and never run again)."""
-    ffn_hook(x, handle, layer)
-
-
-@ffn_steer_.register_fake
-def _(x: torch.Tensor, handle: int, layer: int) -> None:
-    return None
-
-
-def ffn_steer(x: torch.Tensor, handle: int, layer: int) -> None:
-    """What steerable MLPs call: the registered op under torch.compile, else the plain function
-    (same body, without the dispatcher's per-call cost on every layer of every eager step)."""
-    if torch.compiler.is_compiling():
-        ffn_steer_(x, handle, layer)
-    elif HANDLES[handle].step is not None or HANDLES[handle].fixed_ffn:
-        ffn_hook(x, handle, layer)
-
-
-def residual_hook(hidden: torch.Tensor, handle: int, layer: int) -> None:
-    """The decoder-layer-output hook point (eager body of the registered op): the graph-safe ops
-    (every step, graph mode), then the step's `residual_` hooks."""
-    h = HANDLES[handle]
-    for engine, buffers in h.fixed_residual:
-        engine.residual_fixed_(buffers, hidden, layer)
-    step = h.step
-    if step is None:
-        return
-    for engine, state in step.calls("residual_"):
-        engine.residual_(state, hidden, layer)
-
-
-@torch.library.custom_op("steerserve::residual_steer_", mutates_args=("hidden",))
-def residual_steer_(hidden: torch.Tensor, handle: int, layer: int) -> None:
-    """`residual_hook` as a registered op (opaque to torch.compile, as `ffn_steer_`)."""
-    residual_hook(hidden, handle, layer)
-
-
-@residual_steer_.register_fake
-def _(hidden: torch.Tensor, handle: int, layer: int) -> None:
-    return None
-
-
-def residual_steer(hidden: torch.Tensor, handle: int, layer: int) -> None:
-    """What steerable decoder layers call after their forward (as `ffn_steer`)."""
-    if torch.compiler.is_compiling():
-        residual_steer_(hidden, handle, layer)
-    elif HANDLES[handle].step is not None or HANDLES[handle].fixed_residual:
-        residual_hook(hidden, handle, layer)
+# the FFN coefficients (the input of down_proj, per layer): steerable MLPs call `ffn_steer`
+ffn_hook, ffn_steer_, ffn_steer = _layer_hook_point("ffn")
+# the residual stream after each decoder layer: steerable decoder layers call `residual_steer`
+residual_hook, residual_steer_, residual_steer = _layer_hook_point("residual")
 
 
 def slice_offset(hidden_states: torch.Tensor, step_hidden: torch.Tensor) -> int | None:
