@@ -467,6 +467,9 @@ def prepare_vectors(values: list[str] | dict, base: Path, family: Family) -> Non
     if not declared:
         return
     info = ModelInfo.from_checkpoint(base)
+    if not info.ffn_steerable:
+        raise FamilyError(f"the served model is a {info.architecture}, served without steering; steering vectors "
+                          "need a LlamaForCausalLM or Qwen2ForCausalLM model")
     for name, path in declared:
         if not isinstance(name, str) or not VECTOR_NAME_RE.match(name):
             raise FamilyError(f"vector name {name!r}: start with a letter or digit; letters, digits, '.', '_' or '-', "
