@@ -7,23 +7,16 @@ idempotently.
 
 from __future__ import annotations
 
-# base architecture -> steerable architecture registered by this plugin
-STEERABLE_ARCHITECTURES = {
-    "LlamaForCausalLM": "SteerableLlamaForCausalLM",
-    "Qwen2ForCausalLM": "SteerableQwen2ForCausalLM",
-}
+# base architecture -> steerable architecture registered by this plugin (patches/architectures.py)
+from .architectures import STEERABLE_ARCHITECTURES  # noqa: E402
 
 
 def register() -> None:
-    from vllm import ModelRegistry
-
     from .adapter.block_hash import install_prefix_cache_keys
+    from .adapter.registry import register_steerable
     from .adapter.runner import install_cpu_pipeline_fix, install_runner_hook
 
-    supported = set(ModelRegistry.get_supported_archs())
-    for steerable in STEERABLE_ARCHITECTURES.values():
-        if steerable not in supported:
-            ModelRegistry.register_model(steerable, f"steerserve.patches.models:{steerable}")
+    register_steerable(STEERABLE_ARCHITECTURES, "steerserve.patches.models")
     install_runner_hook()
     install_cpu_pipeline_fix()
     install_prefix_cache_keys()

@@ -19,6 +19,7 @@ from steerserve.patches import STEERABLE_ARCHITECTURES
 from steerserve.server.schema import ModelInfo
 
 PLUGIN_NAMES = ("steerserve", "steerserve_api")
+DEFAULT_MAX_MODEL_LEN = 4096  # the default context cap, lowered to a model's own limit
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +41,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
                    help="KV cache size in GiB (default 2); 0 leaves it to vLLM's memory fraction, e.g. on a GPU "
                         "--kv-cache-gb 0 --vllm-arg=--gpu-memory-utilization=0.9")
-    p.add_argument("--max-model-len", type=int, default=4096, help="context length cap (default 4096)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"context length cap (default: the model's own limit, max_position_embeddings, at most "
+                        f"{DEFAULT_MAX_MODEL_LEN})")
     p.add_argument("--max-num-seqs", type=int, default=None, help="max concurrent sequences per step (vLLM default)")
     p.add_argument("--dtype", default="auto",
                    help="weights/activations dtype: auto (the checkpoint's: bfloat16 for the embedded model), "
@@ -119,6 +122,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
 
 
+def default_max_model_len(model: Path) -> int:
+    """DEFAULT_MAX_MODEL_LEN, or the model's own limit (`max_position_embeddings`) when lower: vLLM
+    refuses a cap above it."""
+    cfg = json.loads((model / "config.json").read_text())
+    text = cfg if "num_hidden_layers" in cfg else cfg.get("text_config", cfg)
+    limit = text.get("max_position_embeddings")
+    return min(DEFAULT_MAX_MODEL_LEN, int(limit)) if isinstance(limit, int) and limit > 0 else DEFAULT_MAX_MODEL_LEN
+
+
 def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
     """The vLLM server argument list for steerserve's flags."""
     argv = [
@@ -126,7 +138,7 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
         "--served-model-name", args.served_model_name or model.name,
         "--host", args.host,
         "--port", str(args.port),
-        "--max-model-len", str(args.max_model_len),
+        "--max-model-len", str(args.max_model_len or default_max_model_len(model)),
         "--dtype", args.dtype,
     ]
     if args.kv_cache_gb > 0:  # 0: leave the KV size to vLLM's --gpu-memory-utilization fraction

@@ -31,6 +31,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from steerserve.patches.architectures import FULL_VARIANTS, PROXY_PAIRS, architecture, unsupported
 from steerserve.patches.plan import MixingPlan, ProxyPlan
 from steerserve.patches.steers.base import SteerError
 from steerserve.patches.steers.mixing import VARIANTS_SETTING
@@ -48,6 +49,8 @@ ALIAS_SUFFIXES = {"taia": ":taia", "ffn-only": ":ffn-only"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PAIR_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a module name inside the engine: no '.'
 FIELD = "steer.mixing"
+# the expert classes proxy tuning builds (patches/adapter/submodels.py)
+PROXY_EXPERT_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 PROXY_FIELD = "steer.proxy"
 
 
@@ -269,6 +272,14 @@ def _check_base(name: str, folder: Path, meta: dict | None, base: Path, base_dig
     _log(f"WARNING: variant {name!r} has no steerserve.json naming its base; serving it on trust")
 
 
+def _cannot_load(base: Path, what: str) -> str | None:
+    """Why the server refuses to load `what` (FULL_VARIANTS, PROXY_PAIRS) next to the checkpoint
+    at `base` (patches/architectures.py), or None."""
+    arch = (json.loads((base / "config.json").read_text()).get("architectures") or ["?"])[0]
+    entry = architecture(arch)
+    return unsupported(arch) if entry is None else entry.cannot_load.get(what)
+
+
 def prepare_family(values: list[str] | dict, base: Path, base_name: str, cache: Path) -> Family:
     """Validate the declared variants against the served base and build what serving them needs
     (LoRA: the split adapters, cached). Raises FamilyError."""
@@ -314,6 +325,9 @@ def prepare_family(values: list[str] | dict, base: Path, base_name: str, cache: 
                 variant.adapters[label] = served
                 variant.adapter_paths[served] = str(out)
         elif ck.is_full_checkpoint(path):
+            refusal = _cannot_load(base, FULL_VARIANTS)
+            if refusal:
+                raise FamilyError(f"variant {name!r}: {path} is a fully fine-tuned checkpoint; {refusal}")
             _check_base(name, path, meta, base, digest)
             variant = Variant(name, "full", str(path), index=full_index,
                               context_indicator=(meta or {}).get("context_indicator"))
@@ -389,8 +403,8 @@ def check_proxy_checkpoint(pair: str, role: str, folder: Path, base_config: dict
         raise FamilyError(f"{what} is not a model checkpoint (config.json + *.safetensors)")
     config = json.loads((folder / "config.json").read_text())
     arch = (config.get("architectures") or ["?"])[0]
-    if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
-        raise FamilyError(f"{what} is a {arch}; proxy experts must be LlamaForCausalLM or Qwen2ForCausalLM")
+    if arch not in PROXY_EXPERT_ARCHITECTURES:
+        raise FamilyError(f"{what} is a {arch}; proxy experts must be {' or '.join(PROXY_EXPERT_ARCHITECTURES)}")
     if config.get("vocab_size", 0) < base_config.get("vocab_size", 0):
         raise FamilyError(f"{what} has a smaller vocabulary ({config.get('vocab_size')}) than the base "
                           f"({base_config.get('vocab_size')}): tokenizer mismatch")
@@ -428,10 +442,9 @@ def prepare_proxies(values: list[str] | dict, base: Path, family: Family) -> Non
         raise FamilyError("serve proxy pairs and tuned variants from separate servers (the variants' routing and "
                           "LoRA layers would also reach the experts)")
     base_config = json.loads((base / "config.json").read_text())
-    base_arch = (base_config.get("architectures") or ["?"])[0]
-    if base_arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
-        raise FamilyError(f"the served model is a {base_arch}, served without steering; proxy tuning needs a "
-                          "LlamaForCausalLM or Qwen2ForCausalLM base")
+    refusal = _cannot_load(base, PROXY_PAIRS)
+    if refusal:
+        raise FamilyError(f"proxy pairs cannot be served with this model: {refusal}")
     base_vocab = AutoTokenizer.from_pretrained(base).get_vocab()
     for name, expert, anti in declared:
         if not _PAIR_RE.match(name or ""):
@@ -468,8 +481,7 @@ def prepare_vectors(values: list[str] | dict, base: Path, family: Family) -> Non
         return
     info = ModelInfo.from_checkpoint(base)
     if not info.ffn_steerable:
-        raise FamilyError(f"the served model is a {info.architecture}, served without steering; steering vectors "
-                          "need a LlamaForCausalLM or Qwen2ForCausalLM model")
+        raise FamilyError(f"steering vectors cannot be served: {unsupported(info.architecture)}")
     for name, path in declared:
         if not isinstance(name, str) or not VECTOR_NAME_RE.match(name):
             raise FamilyError(f"vector name {name!r}: start with a letter or digit; letters, digits, '.', '_' or '-', "

@@ -178,6 +178,9 @@ def plan_for(raw: object, ctx: ServingContext) -> SteerPlan:
     plans = {}
     for steer in STEERS:
         value = getattr(spec, steer.name)
+        if value is not None and steer.engine and (reason := ctx.info.refusal(steer.name)):
+            # the served model's architecture (or checkpoint) cannot run it (patches/architectures.py)
+            raise SteerError(f"steer.{steer.name}", f"{steer.name} is unavailable on this model: {reason}")
         if value is not None or steer.implied_by_model:
             plans[steer.name] = steer.normalise(value, ctx)
     return SteerPlan(**plans)

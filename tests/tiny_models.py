@@ -1,4 +1,5 @@
-"""Tiny random Llama and Qwen2 checkpoints for fast engine tests, built in a temp dir.
+"""Tiny random checkpoints (Llama, Qwen2 and the other architectures steerserve steers) for fast
+engine tests, built in a temp dir.
 
 They reuse the embedded model's tokenizer (so chat templates and vocab are real) with random
 weights of a few MB; built with transformers, loaded by vLLM like any checkpoint.
@@ -23,23 +24,39 @@ TINY = dict(
 )
 
 
+# per architecture: (transformers config class, model class, config fields beyond TINY)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 64, "use_sliding_window": False}),
+    # no sliding window (as Mistral v0.2+): context attention is refused on checkpoints that set one
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None, "head_dim": 64}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}),
+    # every multiplier away from 1, so that each is exercised
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                                        "attention_multiplier": 0.1, "logits_scaling": 2.0}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 64, "query_pre_attn_scalar": 64}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 64, "query_pre_attn_scalar": 64}),
+}
+
+
 def build_tiny(arch: str, out: Path, dtype: str = "float32", seed: int = 0, num_layers: int | None = None,
                vocab_pad: int = 0) -> Path:
-    """Write a tiny random `arch` ("llama" or "qwen2") checkpoint with the embedded tokenizer
+    """Write a tiny random checkpoint of `arch` (a key of ARCHS) with the embedded tokenizer
     (`vocab_pad`: that many unused rows after the tokenizer's vocabulary, as padded vocabularies have)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import AutoTokenizer
 
     src = ensure_embedded_model()
     tok = AutoTokenizer.from_pretrained(src)
     common = dict(TINY, vocab_size=len(tok) + vocab_pad, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype=dtype)
     if num_layers is not None:
         common["num_hidden_layers"] = num_layers
-    if arch == "llama":
-        config, cls = LlamaConfig(**common), LlamaForCausalLM
-    elif arch == "qwen2":
-        config, cls = Qwen2Config(**common), Qwen2ForCausalLM
-    else:
-        raise ValueError(arch)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS)}")
+    config_name, model_name, extra = ARCHS[arch]
+    config = getattr(transformers, config_name)(**{**common, **extra})
+    cls = getattr(transformers, model_name)
     torch.manual_seed(seed)
     model = cls(config)
     # larger-than-default weights so that steering visibly moves the logits of a tiny model

@@ -3,9 +3,9 @@ decoder layers (the residual stream after each layer).
 
 Surfaces: vLLM's Llama/Qwen2 gated MLP layout (`gate_up_proj`, `act_fn`, `down_proj`; under tensor
 parallelism `MergedColumnParallelLinear` gate/up and `RowParallelLinear` down), the decoder layer's
-`forward(positions, hidden_states, residual, **extra) -> (hidden_states, residual)` (a split residual
-stream: the next layer's fused add-norm, or the final norm, adds the halves), and
-`extract_layer_index`.
+attributes (`input_layernorm`, `post_attention_layernorm`, `self_attn`, `mlp`) and its output: a
+split residual stream `(hidden_states, residual)` that the next layer's fused add-norm (or the
+final norm) adds, or the whole stream as one tensor; and `extract_layer_index`.
 """
 
 from __future__ import annotations
@@ -81,16 +81,18 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
 
 
 class _SteerableDecoderLayerMixin:
-    """forward = the layer's own, then the residual hook on its output half (a no-op outside
-    steered steps). Adding to `hidden_states` once adds to the stream (hidden_states + residual)."""
+    """forward = the layer's own, then the residual hook on its output (a no-op outside steered
+    steps). A split stream (hidden_states, residual), whose sum the next layer's fused add-norm
+    forms: the hook adds to the `hidden_states` half once, so the sum carries it. A whole stream
+    (one tensor, e.g. Granite): the hook adds to it."""
 
     steer_layer: int
     steer_handle: StepHandle
 
-    def forward(self, positions, hidden_states, residual, **kwargs):
-        hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
-        residual_steer(hidden_states, self.steer_handle.index, self.steer_layer)
-        return hidden_states, residual
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        residual_steer(out[0] if isinstance(out, tuple) else out, self.steer_handle.index, self.steer_layer)
+        return out
 
 
 def make_decoder_layers_steerable(model: torch.nn.Module, handle: StepHandle) -> int:

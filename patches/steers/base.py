@@ -54,6 +54,16 @@ class ModelInfo:
     attention_steerable: bool = False
     attention_unsupported_reason: str = ""
     hidden_size: int = 0  # the residual stream's width
+    # steer -> why it is refused on this model (its architecture, or its checkpoint's attention)
+    refused: tuple[tuple[str, str], ...] = ()
+
+    def refusal(self, steer: str) -> str | None:
+        """Why `steer` cannot run on this model (None: it can, as far as the model goes)."""
+        if not self.ffn_steerable:
+            from steerserve.patches.architectures import unsupported
+
+            return unsupported(self.architecture)
+        return dict(self.refused).get(steer)
 
     @classmethod
     def from_checkpoint(cls, model_dir, steerable: bool | None = None) -> ModelInfo:
@@ -61,27 +71,26 @@ class ModelInfo:
         import json
         from pathlib import Path
 
-        from steerserve.patches import STEERABLE_ARCHITECTURES
+        from steerserve.patches.architectures import architecture
 
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
         arch = (cfg.get("architectures") or ["unknown"])[0]
         text = cfg if "num_hidden_layers" in cfg else cfg.get("text_config", {})
         if steerable is None:
-            steerable = arch in STEERABLE_ARCHITECTURES or arch in STEERABLE_ARCHITECTURES.values()
+            steerable = architecture(arch) is not None
         return cls.from_config(arch, text, steerable)
 
     @classmethod
     def from_config(cls, arch: str, text: dict, steerable: bool, tensor_parallel_size: int = 1) -> ModelInfo:
         """From a (text) model config as a dict."""
-        reason = ""
-        if not steerable:
-            reason = f"the served model ({arch}) has no steering support; supported: Llama and Qwen2 architectures"
-        elif text.get("use_sliding_window") or (text.get("sliding_window") and "use_sliding_window" not in text):
-            reason = "the served model uses sliding-window attention"
+        from steerserve.patches.architectures import refusals, unsupported
+
+        refused = refusals(arch, text) if steerable else {}
+        reason = unsupported(arch) if not steerable else refused.get("context_attention", "")
         return cls(
             arch, int(text.get("num_hidden_layers", 0)), int(text.get("intermediate_size") or 0), steerable,
             tensor_parallel_size, int(text.get("num_attention_heads") or 0), steerable and not reason, reason,
-            int(text.get("hidden_size") or 0),
+            int(text.get("hidden_size") or 0), tuple(sorted(refused.items())),
         )
 
 

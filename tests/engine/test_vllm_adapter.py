@@ -5,6 +5,7 @@ import inspect
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from steerserve.patches.adapter import WRAPPED_MARK, block_hash, metadata, parallel, runner
 from steerserve.patches.adapter import server as adapter_server
@@ -93,6 +94,31 @@ def test_runner_metadata_surfaces():
     assert "self.attn_groups: list[list[AttentionGroup]]" in inspect.getsource(GPUModelRunner.__init__)
     assert "layer_names" in AttentionGroup.__dataclass_fields__
     assert hasattr(GPUModelRunner, "get_model")
+
+
+def test_model_registry_surface():
+    """Every listed architecture is in vLLM's registry, its class loads, and its steerable subclass
+    is made from it (what `register()` registers by name)."""
+    from vllm import ModelRegistry
+
+    from steerserve.patches import models
+    from steerserve.patches.adapter.registry import base_model_class
+    from steerserve.patches.architectures import ARCHITECTURES
+
+    supported = ModelRegistry.get_supported_archs()
+    for name, arch in ARCHITECTURES.items():
+        assert name in supported, f"vLLM no longer serves {name}"
+        base = base_model_class(name)
+        assert hasattr(base, "compute_logits") and hasattr(base, "load_weights")
+        steerable = getattr(models, arch.steerable_name)
+        assert issubclass(steerable, base) and steerable.__name__ == arch.steerable_name
+        assert inspect.signature(base.__init__).parameters.get("vllm_config") is not None
+    with pytest.raises(AttributeError):
+        models.SteerableGPT2LMHeadModel  # noqa: B018
+    from steerserve.patches import register
+
+    register()
+    assert "SteerableQwen3ForCausalLM" in ModelRegistry.get_supported_archs()  # registered by the plugin
 
 
 def test_decoder_layer_surface():

@@ -180,7 +180,7 @@ def test_proxy_pairs_refused_at_start_up(tiny_llama, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FamilyError, match="served without steering"):
+    with pytest.raises(FamilyError, match=r"GPT2LMHeadModel\) has no steering support"):
         prepare_proxies([f"y={anti},{anti}"], other, Family("tiny"))
 
 

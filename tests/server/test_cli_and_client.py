@@ -47,6 +47,19 @@ def test_flags_map_to_vllm(tmp_path):
     assert argv[-1] == "--max-num-batched-tokens=512"
 
 
+def test_max_model_len_defaults_to_the_models_limit(tmp_path):
+    """A model whose own limit is below 4096 (max_position_embeddings) is not refused at start-up."""
+    argv = cli.vllm_argv(_args(), _model(tmp_path, "LlamaForCausalLM"))
+    assert argv[argv.index("--max-model-len") + 1] == "4096"
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": 2,
+                                                      "max_position_embeddings": 2048}))
+    argv = cli.vllm_argv(_args(), tmp_path)
+    assert argv[argv.index("--max-model-len") + 1] == "2048"
+    assert "SteerableQwen3ForCausalLM" in argv[argv.index("--hf-overrides") + 1]  # steered by structure
+    argv = cli.vllm_argv(_args("--max-model-len", "1024"), tmp_path)
+    assert argv[argv.index("--max-model-len") + 1] == "1024"
+
+
 def test_kv_cache_zero_leaves_it_to_vllm(tmp_path):
     argv = cli.vllm_argv(_args("--kv-cache-gb", "0"), _model(tmp_path, "LlamaForCausalLM"))
     assert "--kv-cache-memory-bytes" not in argv

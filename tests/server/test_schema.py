@@ -59,7 +59,8 @@ def test_bad_values_name_the_field(raw, field, words):
 
 def test_model_without_ffn_support_and_tensor_parallel():
     plain = ModelInfo("GPT2LMHeadModel", 12, 3072, ffn_steerable=False)
-    with pytest.raises(SteerError, match="no FFN steering support"):
+    with pytest.raises(SteerError, match=r"infosteer is unavailable on this model: the served model \(GPT2LMHeadModel\) "
+                                         "has no steering support; supported architectures: LlamaForCausalLM"):
         normalise({"infosteer": {"alpha": 2}}, plain)
     assert normalise({}, plain).is_empty  # no steering asked: fine on any model
     tp2 = ModelInfo("SteerableLlamaForCausalLM", 30, 1536, True, tensor_parallel_size=2)

@@ -149,14 +149,15 @@ def test_bad_requests_name_the_field(served, steer, field, words):
 
 def test_a_model_without_steering_support_refuses_vectors(served, tmp_path):
     gpt2 = ModelInfo("GPT2LMHeadModel", 12, 3072, ffn_steerable=False, hidden_size=576)
-    with pytest.raises(SteerError, match=r"GPT2LMHeadModel\) has no steering support"):
+    with pytest.raises(SteerError, match=r"vectors is unavailable on this model: the served model \(GPT2LMHeadModel\) "
+                                         "has no steering support"):
         normalise({"vectors": [{"name": "a"}]}, gpt2)
     import json
 
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps(
         {"architectures": ["GPT2LMHeadModel"], "num_hidden_layers": 30, "hidden_size": 576}))
-    with pytest.raises(_family.FamilyError, match="served without steering"):
+    with pytest.raises(_family.FamilyError, match=r"vectors cannot be served: the served model \(GPT2LMHeadModel\)"):
         _family.prepare_vectors({"a": served["a"].path}, tmp_path / "gpt2", _family.Family())
 
 

@@ -125,10 +125,10 @@ class ContextAttention(Steer):
     def normalise(self, spec: ContextAttentionSpec, ctx: ServingContext) -> ContextAttentionPlan | None:
         field = "steer.context_attention"
         info, head_sets = ctx.info, ctx.head_sets
-        if not info.attention_steerable:
-            reason = info.attention_unsupported_reason or (
-                f"the served model ({info.architecture}) has no steering support; supported: Llama and Qwen2 "
-                "architectures")
+        if not info.attention_steerable:  # e.g. a quantized KV cache (the server's own check)
+            from steerserve.patches.architectures import unsupported
+
+            reason = info.attention_unsupported_reason or unsupported(info.architecture)
             raise SteerError(field, f"context-attention steering is unavailable: {reason}")
         emphasis = spec.emphasis
         if ctx.endpoint == "completions":

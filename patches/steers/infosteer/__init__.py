@@ -83,9 +83,6 @@ class InfoSteer(Steer):
     def normalise(self, spec: InfoSteerSpec, ctx: ServingContext) -> InfoSteerPlan | None:
         field = "steer.infosteer"
         info = ctx.info
-        if not info.ffn_steerable:
-            raise SteerError(field, f"the served model ({info.architecture}) has no FFN steering support; "
-                                    "supported: Llama and Qwen2 architectures")
         if spec.mode != "topk" and spec.k is not None:
             raise SteerError(f"{field}.k", f'only applies to mode "topk" (mode is "{spec.mode}")')
         if spec.mode != "lift" and spec.p is not None:

@@ -108,9 +108,6 @@ class Vectors(Steer):
 
     def normalise(self, spec: list[VectorTermSpec], ctx: ServingContext) -> VectorsPlan | None:
         field = "steer.vectors"
-        if not ctx.info.ffn_steerable:  # the engine would not run it: a plain model has no hook points
-            raise SteerError(field, f"the served model ({ctx.info.architecture}) has no steering support; "
-                                    "supported: Llama and Qwen2 architectures")
         served = getattr(ctx.family, "vectors", None) or {}
         terms = []
         for i, term in enumerate(spec):
