@@ -7,8 +7,9 @@ chunked prefill with a 64-token budget), one architecture's engines at a time:
   same checkpoint with its own class, and steered rows differ;
 - every steer the architecture supports (InfoSteer scale / top-k / lift, steering vectors,
   context attention where the checkpoint's attention allows it) gives logprobs equal to its
-  pure-torch reference on the Hugging Face model of the same checkpoint (LOGPROB_TOL), teacher
-  forced, in one mixed batch, a long prompt in chunked prefill included;
+  pure-torch reference on the Hugging Face model of the same checkpoint (LOGPROB_TOL beyond the
+  engine's own unsteered distance from that model), teacher forced, in one mixed batch, a long
+  prompt in chunked prefill included;
 - every refusal is a 400 naming the architecture and the reason, or a start-up refusal.
 
 These results are the support matrix of docs/architectures.md (generated from the same table:
@@ -90,15 +91,23 @@ def test_plain_rows_equal_stock_vllm_and_steered_rows_differ(model):
 
 
 def test_every_supported_steer_matches_its_reference(model):
-    items = [(PROMPTS[i % len(PROMPTS)], plan) for i, plan in enumerate(supported_plans(model.info).values())]
-    items += [(LONG, supported_plans(model.info)["infosteer topk"]), (LONG, supported_plans(model.info)["vectors"])]
-    worst = 0.0
-    for (_, plan), (toks, lps, prompt_ids, _) in zip(items, run(model.llm, items, max_tokens=8)):
+    """Steered logprobs within LOGPROB_TOL of the reference (beyond the engine's own distance from the
+    Hugging Face model unsteered, the first, plain row: about 1e-6 on every architecture here; with
+    Gemma 2's attention soft-capping on, vLLM's CPU build and Hugging Face differ by about 3e-3
+    unsteered, so the tiny Gemma 2 turns it off)."""
+    plans = supported_plans(model.info)
+    items = [(PROMPTS[0], None)] + [(PROMPTS[i % len(PROMPTS)], plan) for i, plan in enumerate(plans.values())]
+    items += [(LONG, plans["infosteer topk"]), (LONG, plans["vectors"])]
+    outs = run(model.llm, items, max_tokens=8)
+    diffs = []
+    for (_, plan), (toks, lps, prompt_ids, _) in zip(items, outs):
         ref = token_logprobs(model.hf, prompt_ids, toks, plan)
-        diff = max(abs(a - b) for a, b in zip(lps, ref))
-        worst = max(worst, diff)
-        assert diff < LOGPROB_TOL, f"{model.name}: {plan.applied()}: engine vs reference logprob difference {diff}"
-    print(f"{model.name}: max |engine - reference| logprob difference {worst:.2e}")
+        diffs.append(max(abs(a - b) for a, b in zip(lps, ref)))
+    plain = diffs[0]
+    assert plain < 5e-3, f"{model.name}: unsteered, the engine differs from Hugging Face by {plain}"
+    for (_, plan), diff in zip(items[1:], diffs[1:]):
+        assert diff < LOGPROB_TOL + plain, f"{model.name}: {plan.applied()}: engine vs reference difference {diff}"
+    print(f"{model.name}: max |engine - reference| logprob difference {max(diffs[1:]):.2e} (unsteered {plain:.2e})")
 
 
 def test_refusals_name_the_architecture(model, tmp_path):
