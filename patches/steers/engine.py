@@ -14,9 +14,8 @@ stays torch-free. Per model instance one `StepHandle` holds the engines and the 
    until the next step begins (`compute_logits` runs after the forward).
 3. The steerable model calls the hooks of the engines with work in the step: `ffn_` (the FFN
    coefficients, the input of `down_proj`, per layer), `residual_` (the residual stream after
-   each decoder layer), `attention_` (after the attention kernel,
-   per layer), `after_forward` (once, with the forward's output), `replace_logits` / `edit_logits`
-   (`compute_logits`). A step without steered rows is None: the plain path, no steering work.
+   each decoder layer), `attention_` (after the attention kernel, per layer), `after_forward`
+   (once, with the forward's output), `replace_logits` / `edit_logits` (`compute_logits`). A step without steered rows is None: the plain path, no steering work.
 
 4. Graph mode (engine setting `graph_safe_steps`): engines with a graph-safe form (`make_buffers`)
    keep persistent fixed-capacity buffers; `begin` fills them in place every step (clears them
@@ -128,7 +127,8 @@ class SteerEngine:
 
     def residual_(self, state: Any, hidden: torch.Tensor, layer: int) -> None:
         """Add to the residual stream after decoder `layer` in place: `hidden` ([num_tokens, hidden
-        size]) is the layer's output half whose sum with the residual half the next layer forms."""
+        size]) is the layer's output: the `hidden_states` half of a split stream (whose sum with
+        the residual half the next layer forms) or the whole stream."""
 
     def attention_(self, state: Any, call: AttentionCall) -> None:
         """Overwrite rows of `call.output` after the attention kernel."""
