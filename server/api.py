@@ -237,13 +237,30 @@ async def _echo_stream(chunks: AsyncIterator, echo: dict, model: str | None = No
         yield chunk
 
 
+# the echo in response headers, for clients that drop unknown JSON fields (LangChain, proxies)
+ECHO_HEADER, FINGERPRINT_HEADER, APPLIED_HEADER = "X-Steer-Echo", "X-Steer-Fingerprint", "X-Steer-Applied"
+ECHO_HEADER_CAP = 4096  # bytes of compact JSON; a larger echo is left out of the headers (the body has it)
+
+
+def echo_headers(echo: dict) -> dict[str, str]:
+    """The echo as headers: the fingerprint ("none" when nothing ran), the applied steers' names
+    (comma-separated, "none"), and the whole echo as compact ASCII JSON when it fits
+    ECHO_HEADER_CAP (else `X-Steer-Echo: truncated`)."""
+    text = json.dumps(echo, separators=(",", ":"), ensure_ascii=True)
+    return {FINGERPRINT_HEADER: echo.get("fingerprint") or "none",
+            APPLIED_HEADER: ",".join(a["steer"] for a in echo.get("applied", ())) or "none",
+            ECHO_HEADER: text if len(text) <= ECHO_HEADER_CAP else "truncated"}
+
+
 def with_echo(response: Response | None, applied: Applied | None) -> Response | None:
-    """Add the `steer` echo to a successful vLLM response (JSON or SSE stream)."""
+    """Add the `steer` echo to a successful vLLM response (JSON or SSE stream): in the body and
+    in headers (`echo_headers`)."""
     if applied is None or response is None or response.status_code != 200:
         return response
     echo = applied.echo()
     if isinstance(response, StreamingResponse):
         response.body_iterator = _echo_stream(response.body_iterator, echo, applied.response_model)
+        response.headers.update(echo_headers(echo))
         return response
     if isinstance(response, JSONResponse):
         payload = json.loads(response.body)
@@ -251,7 +268,7 @@ def with_echo(response: Response | None, applied: Applied | None) -> Response | 
         if applied.response_model is not None and "model" in payload:
             payload["model"] = applied.response_model
         headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
-        return JSONResponse(content=payload, status_code=response.status_code, headers=headers)
+        return JSONResponse(content=payload, status_code=response.status_code, headers={**headers, **echo_headers(echo)})
     return response
 
 

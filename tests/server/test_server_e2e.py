@@ -4,6 +4,7 @@ driven by the official OpenAI SDK (and the `steerserve chat` CLI)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 from pathlib import Path
 import subprocess
@@ -82,8 +83,14 @@ def test_plain_chat_answers(client):
 
 def test_steered_chat_differs_and_echoes(client):
     plain = chat(client, logprobs=True)
-    steered = chat(client, Steer().infosteer(alpha=2.5, layers=list(range(10, 20))).to_dict(), logprobs=True)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0.0, logprobs=True,
+        extra_body={"steer": Steer().infosteer(alpha=2.5, layers=list(range(10, 20))).to_dict()})
+    steered = raw.parse()
     echo = steered.model_extra["steer"]
+    # the echo in headers too, for clients that drop unknown JSON fields
+    assert raw.headers["x-steer-fingerprint"] == echo["fingerprint"] and raw.headers["x-steer-applied"] == "infosteer"
+    assert json.loads(raw.headers["x-steer-echo"]) == echo
     assert echo["applied"] == [{"steer": "infosteer", "mode": "scale", "alpha": 2.5, "layers": list(range(10, 20))}]
     assert len(echo["fingerprint"]) == 16
     plain_lp = [t.logprob for t in plain.choices[0].logprobs.content]
@@ -94,7 +101,10 @@ def test_steered_chat_differs_and_echoes(client):
 @pytest.mark.parametrize("steer", [{}, {"infosteer": {"alpha": 1.0}}, {"infosteer": {"alpha": 3.0, "layers": []}}])
 def test_neutral_steer_is_applied_as_nothing(client, steer):
     plain = chat(client, logprobs=True)
-    r = chat(client, steer, logprobs=True)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=QUESTION, max_tokens=24,
+                                                           temperature=0.0, logprobs=True, extra_body={"steer": steer})
+    r = raw.parse()
+    assert raw.headers["x-steer-fingerprint"] == "none" and raw.headers["x-steer-applied"] == "none"
     assert r.model_extra["steer"]["applied"] == []
     assert "no steering" in r.model_extra["steer"]["note"]
     assert r.choices[0].message.content == plain.choices[0].message.content
@@ -102,8 +112,12 @@ def test_neutral_steer_is_applied_as_nothing(client, steer):
 
 def test_streaming_echo_on_first_chunk(client):
     steer = {"infosteer": {"mode": "lift", "alpha": 1.5, "p": 0.02, "layers": [3, 1, 3]}}
-    chunks = list(chat(client, steer, stream=True, stream_options={"include_usage": True}))
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0.0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"steer": steer})
+    chunks = list(raw.parse())
     echo = chunks[0].model_extra["steer"]
+    assert json.loads(raw.headers["x-steer-echo"]) == echo and raw.headers["x-steer-applied"] == "infosteer"
     assert echo["applied"][0]["layers"] == [1, 3] and echo["applied"][0]["lifted_per_token"] == 30
     assert all("steer" not in (c.model_extra or {}) for c in chunks[1:])
     assert chunks[-1].usage is not None
