@@ -73,7 +73,7 @@ def _plan(config):
     return SteerPlan(vectors=VectorsPlan((VectorTerm(name, float(scale), tuple(layers)),)))
 
 
-def hooks_generate(model, tok, prompts, T: int, configs: list[tuple], directions: dict, pad: int,
+def hooks_generate(model, prompts, T: int, configs: list[tuple], directions: dict, pad: int,
                    use_repeng: bool) -> float:
     """One configuration at a time (hook libraries hold one per model): each distinct configuration's
     requests as one left-padded `generate` batch. Returns the wall time."""
@@ -129,10 +129,10 @@ def run_vectors_bench(args: argparse.Namespace) -> dict:
     main = Path(args.vector) if args.vector else EMBEDDED_DEMO_VECTOR
     if not args.vector and args.model:
         raise SystemExit("steerserve bench --steer vectors: --vector FILE is needed with --model")
-    _, main_dirs, _ = files.read_directions(main)
-    layers = tuple(sorted(main_dirs))
+    directions = {"main": files.read_directions(main)[1]}  # {name: {layer: float32 direction}}
+    layers = tuple(sorted(directions["main"]))
     vectors = {"main": str(main), **stand_in_vectors(info.hidden_size, list(layers), Path(scratch.name))}
-    directions = {name: files.read_directions(path)[1] for name, path in vectors.items()}
+    directions.update({name: files.read_directions(path)[1] for name, path in vectors.items() if name != "main"})
     names = list(vectors)
     scale = args.vector_scale
     shared = ("main", scale, layers)
@@ -180,9 +180,8 @@ def run_vectors_bench(args: argparse.Namespace) -> dict:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
         attach(hf, vectors)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        np_dirs = {k: {i: np.asarray(d) for i, d in v.items()} for k, v in directions.items()}
         for name in ("plain", "shared_all_layers", f"distinct_{n}"):
-            dt = hooks_generate(hf, tok, prompts, T, workload_configs[name], np_dirs, pad, baseline == "repeng")
+            dt = hooks_generate(hf, prompts, T, workload_configs[name], directions, pad, baseline == "repeng")
             runs[f"hf_{name}"] = n * T / dt
             _log(f"HF {name}: {runs[f'hf_{name}']:.1f} tok/s")
         ratios["engine_plain_vs_hf_plain (the ceiling)"] = runs["plain"] / runs["hf_plain"]

@@ -88,8 +88,7 @@ class VectorBuffers:
             self._used = 0
         if not entries:
             return True
-        pieces = [p for plan, rows in entries if self.store.known(plan, rows) for p in split_rows(plan.terms, rows)]
-        configs = list(dict.fromkeys(c for c, _, _ in pieces))
+        pieces, configs = self.store.pieces(entries)
         end = max((e for _, _, e in pieces), default=0)
         if len(configs) > len(self.keys) - 1 or end > self.capacity_tokens:
             return False
@@ -168,6 +167,13 @@ class VectorStore:
             self._dense.popitem(last=False)
         return out
 
+    def pieces(self, entries: list[tuple[VectorsPlan, RequestRows]]
+               ) -> tuple[list[tuple[Config, int, int]], list[Config]]:
+        """The step's (configuration, start, end) row ranges (`split_rows` of each request whose
+        vectors are loaded here) and its distinct configurations, in order of appearance."""
+        pieces = [p for plan, rows in entries if self.known(plan, rows) for p in split_rows(plan.terms, rows)]
+        return pieces, list(dict.fromkeys(c for c, _, _ in pieces))
+
     def known(self, plan: VectorsPlan, rows: RequestRows) -> bool:
         missing = [t.name for t in plan.terms if t.name not in self.vectors]
         if missing and rows.req_id not in self.missing:
@@ -203,10 +209,9 @@ class VectorEngine(SteerEngine):
         if self.name in handle.buffer_served:
             return None
         store: VectorStore = handle.resources[self.name]
-        pieces = [p for plan, rows in entries if store.known(plan, rows) for p in split_rows(plan.terms, rows)]
+        pieces, configs = store.pieces(entries)
         if not pieces:
             return None
-        configs = list(dict.fromkeys(c for c, _, _ in pieces))
         key = tuple(configs)
         if key != store.table_key:  # decode steps usually repeat the last step's configurations
             store.table = torch.stack([store.dense(c) for c in configs], dim=1)  # [layers, configs, hidden]
