@@ -100,25 +100,33 @@ def refusals(name: str, text_config: dict) -> dict[str, str]:
     return out
 
 
-# the support matrix (docs/architectures.md): what tests/engine/test_architectures.py checks per row
-_STEER_COLUMNS = ("InfoSteer", "steering vectors", "context attention", "TAIA, full variants", "proxy tuning",
-                  "TAIA, LoRA variants")
+# the support matrix (docs/architectures.md): what tests/engine/test_architectures.py checks per row.
+# Columns: (header, steer name) for the steers an architecture may refuse per request (`refused`),
+# then (header, what the server loads) for its start-up refusals (`cannot_load`).
+_STEER_COLUMNS = (("InfoSteer", "infosteer"), ("steering vectors", "vectors"),
+                  ("context attention", "context_attention"))
+_LOAD_COLUMNS = (("TAIA, full variants", FULL_VARIANTS), ("proxy tuning", PROXY_PAIRS))
+# what `refusals` adds per checkpoint, for the matrix
+_CHECKPOINT_CAVEATS = {"context_attention": "unless the checkpoint uses sliding-window or soft-capped attention"}
 _TESTED = {"LlamaForCausalLM": "tests/engine/test_engine_llama.py and every other engine module",
            "Qwen2ForCausalLM": "tests/engine/test_engine_qwen2.py"}
 
 
 def markdown_matrix() -> str:
     """The support matrix as a Markdown table, from `ARCHITECTURES`."""
-    lines = ["| architecture | " + " | ".join(_STEER_COLUMNS) + " | differs from Llama | tested in |",
-             "|---" * (len(_STEER_COLUMNS) + 3) + "|"]
-    window = "yes, unless the checkpoint uses sliding-window or soft-capped attention"
+    headers = [h for h, _ in _STEER_COLUMNS + _LOAD_COLUMNS] + ["TAIA, LoRA variants"]
+    lines = ["| architecture | " + " | ".join(headers) + " | differs from Llama | tested in |",
+             "|---" * (len(headers) + 3) + "|"]
     for a in ARCHITECTURES.values():
-        cells = ["yes", "yes", window,
-                 f"refused: {a.cannot_load[FULL_VARIANTS]}" if FULL_VARIANTS in a.cannot_load else "yes",
-                 f"refused: {a.cannot_load[PROXY_PAIRS]}" if PROXY_PAIRS in a.cannot_load else "yes",
-                 "yes" if a.name == "LlamaForCausalLM" else "vLLM's multi-LoRA; not tested on this architecture"]
-        for steer, reason in a.refused.items():
-            cells[["infosteer", "vectors", "context_attention"].index(steer)] = f"refused: {reason}"
+        cells = []
+        for _, steer in _STEER_COLUMNS:
+            caveat = _CHECKPOINT_CAVEATS.get(steer)
+            if steer in a.refused:
+                cells.append(f"refused: {a.refused[steer]}")
+            else:
+                cells.append(f"yes, {caveat}" if caveat else "yes")
+        cells += [f"refused: {a.cannot_load[what]}" if what in a.cannot_load else "yes" for _, what in _LOAD_COLUMNS]
+        cells.append("yes" if a.name == "LlamaForCausalLM" else "vLLM's multi-LoRA; not tested on this architecture")
         tested = _TESTED.get(a.name, "tests/engine/test_architectures.py")
         lines.append(f"| {a.name} | " + " | ".join(cells) + f" | {a.note} | {tested} |")
     return "\n".join(lines)
