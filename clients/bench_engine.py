@@ -9,6 +9,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 TOPICS = [
     "the water cycle", "how vaccines work", "the history of Rome", "black holes", "photosynthesis",
@@ -27,6 +28,19 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
         ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
     return out
+
+
+def bench_inputs(args) -> tuple[Path, Any, Any, list[list[int]]]:
+    """What every engine benchmark starts from: the checkpoint (`--model`, default the embedded
+    model), its ModelInfo and tokenizer, and `--requests` chat prompts as token ids."""
+    from transformers import AutoTokenizer
+
+    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.schema import ModelInfo
+
+    model_dir = Path(args.model) if args.model else ensure_embedded_model()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return model_dir, ModelInfo.from_checkpoint(model_dir), tok, _prompts(tok, args.requests)
 
 
 def _log(msg: str) -> None:

@@ -47,19 +47,16 @@ def perturbed_variant(model_dir: Path, out: Path, scale: float = 0.02) -> Path:
 
 def run_mixing_bench(args: argparse.Namespace) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from steerserve.patches.steers.mixing import VARIANTS_SETTING
     from steerserve.patches.plan import MixingPlan, SteerPlan
-    from steerserve.server.model_store import ensure_embedded_model
     from steerserve.training.export import merge_full
 
-    from .bench_engine import _prompts, measure_engine, paired_ratio, print_targets_report
+    from .bench_engine import bench_inputs, measure_engine, paired_ratio, print_targets_report
 
-    model_dir = Path(args.model) if args.model else ensure_embedded_model()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model_dir, _, tok, prompts = bench_inputs(args)
     n, T = args.requests, args.max_tokens
-    prompts = _prompts(tok, n)
     scratch = tempfile.TemporaryDirectory()
     variant = Path(args.variant) if args.variant else perturbed_variant(model_dir, Path(scratch.name) / "variant")
     taia = merge_full(variant, model_dir, Path(scratch.name) / "taia")

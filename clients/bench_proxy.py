@@ -40,22 +40,17 @@ def stand_in_pair(model_dir: Path, root: Path) -> tuple[Path, Path]:
 
 def run_proxy_bench(args: argparse.Namespace) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from steerserve.patches.plan import ProxyPlan, SteerPlan
     from steerserve.patches.steers.proxy import PAIRS_SETTING
     from steerserve.patches.reference import greedy_generate
     from steerserve.patches.steers.proxy.reference import proxy_generate
-    from steerserve.server.model_store import ensure_embedded_model
-    from steerserve.server.schema import ModelInfo
 
-    from .bench_engine import _prompts, measure_engine, paired_ratio, print_targets_report
+    from .bench_engine import bench_inputs, measure_engine, paired_ratio, print_targets_report
 
-    model_dir = Path(args.model) if args.model else ensure_embedded_model()
-    info = ModelInfo.from_checkpoint(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model_dir, info, tok, prompts = bench_inputs(args)
     n, T = args.requests, args.max_tokens
-    prompts = _prompts(tok, n)
     scratch = tempfile.TemporaryDirectory()
     if args.proxy:
         expert, anti = (Path(p).expanduser().resolve() for p in args.proxy.split(",", 1))

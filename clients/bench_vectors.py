@@ -111,20 +111,16 @@ def hooks_generate(model, prompts, T: int, configs: list[tuple], directions: dic
 def run_vectors_bench(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from steerserve.patches.steers.vectors import VECTORS_SETTING, files
     from steerserve.patches.steers.vectors.reference import attach
-    from steerserve.server.model_store import EMBEDDED_DEMO_VECTOR, ensure_embedded_model
-    from steerserve.server.schema import ModelInfo
+    from steerserve.server.model_store import EMBEDDED_DEMO_VECTOR
 
-    from .bench_engine import _prompts, measure_engine, paired_ratio, print_targets_report
+    from .bench_engine import bench_inputs, measure_engine, paired_ratio, print_targets_report
 
-    model_dir = Path(args.model) if args.model else ensure_embedded_model()
-    info = ModelInfo.from_checkpoint(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model_dir, info, tok, prompts = bench_inputs(args)
     n, T = args.requests, args.max_tokens
-    prompts = _prompts(tok, n)
     scratch = tempfile.TemporaryDirectory()
     main = Path(args.vector) if args.vector else EMBEDDED_DEMO_VECTOR
     if not args.vector and args.model:
