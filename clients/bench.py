@@ -55,17 +55,24 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None,
                    help="mixing only: a fully fine-tuned checkpoint of --model (default: a perturbed copy)")
     p.add_argument("--context-alpha", type=float, default=0.5, help="context attention alpha (default 0.5)")
+    p.add_argument("--context-tokens", type=int, default=560,
+                   help="context only: approximate prompt length in tokens (default 560; 2000 for long contexts)")
+    p.add_argument("--context-kernel", choices=["auto", "torch"], default="auto",
+                   help="context only: the decode pass (auto: the CPU/CUDA kernel where it runs; torch: the "
+                        "pure-torch reference pass)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
-def _context_prompts(tokenizer, n: int) -> list[tuple[list[int], tuple]]:
-    """Chat prompts with ~500-token user contexts: (token ids, emphasised spans of the user message)."""
+def _context_prompts(tokenizer, n: int, tokens: int = 560) -> list[tuple[list[int], tuple]]:
+    """Chat prompts with user contexts of about `tokens` tokens (22 facts: ~560): (token ids,
+    emphasised spans of the user message)."""
     from steerserve.patches.steers.context_attention.spans import chat_spans
 
     out = []
+    num_facts = max(1, round(22 * tokens / 560))
     for i in range(n):
         facts = " ".join(f"Fact {j + 1}: {TOPICS[(i + j) % len(TOPICS)]} is a subject with a long history, "
-                         f"many open questions and {j + 3} famous experts." for j in range(22))
+                         f"many open questions and {j + 3} famous experts." for j in range(num_facts))
         msgs = [{"role": "user", "content": f"Context: {facts}\n\nQuestion: which facts mention "
                                             f"{TOPICS[i % len(TOPICS)]}? Explain briefly."}]
         out.append(chat_spans(tokenizer, msgs, "user"))
@@ -106,7 +113,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     if context:
         from dataclasses import replace
 
-        built = _context_prompts(tok, n)
+        built = _context_prompts(tok, n, args.context_tokens)
         prompts = [ids for ids, _ in built]
         mid = info.num_layers // 2
         layers = list(range(max(0, mid - 4), min(info.num_layers, mid + 4)))
@@ -125,6 +132,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             "all_steered": shared_rows,
             mixed_name: [shared_rows[i] if i % 4 == 0 else None for i in range(n)],
             "distinct_configs": distinct,
+            "one_steered": [shared_rows[0]] + [None] * (n - 1),
         }
         hf_shared = shared_rows
     else:
@@ -147,10 +155,15 @@ def run_bench(args: argparse.Namespace) -> dict:
          f"{', graph-safe steps' if graph_safe else ''}; {n} requests x {T} tokens per run")
     from steerserve.patches.steers.base import SETTINGS_KEY
 
-    llm = LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=not args.compile, max_model_len=1024,
-              kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0, disable_log_stats=False,
-              hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
-              additional_config={SETTINGS_KEY: {"graph_safe_steps": True}} if graph_safe else {})
+    settings = {"graph_safe_steps": True} if graph_safe else {}
+    if context:
+        settings["context_attention_kernel"] = args.context_kernel
+        _log(f"context: ~{round(sum(map(len, prompts)) / n)} prompt tokens, decode pass: {args.context_kernel}")
+    max_len = max(1024, max(map(len, prompts)) + T + 16)
+    llm = LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=not args.compile, max_model_len=max_len,
+              kv_cache_memory_bytes=(2 << 30) if max_len <= 2304 else (4 << 30), max_num_seqs=max(n, 8), seed=0,
+              disable_log_stats=False, hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
+              additional_config={SETTINGS_KEY: settings} if settings else {})
 
     decode_times: dict[str, list[list[float]]] = {}
 
@@ -205,7 +218,17 @@ def run_bench(args: argparse.Namespace) -> dict:
         f"unsteered_rows_decode_time_{mixed_name}_over_plain": unsteered_rows_slowdown(),
     }
     if context:
-        targets = {"all_steered_vs_plain": 0.8, f"{mixed_name}_vs_plain": 0.93}
+        def step_extra(name: str) -> float:
+            """Per round: median over all rows of the decode time (every row waits for every step)
+            in `name` / in all-plain, minus 1: the extra time per decode step."""
+            return statistics.median(statistics.median(m / p for m, p in zip(mixed_t, plain_t))
+                                     for plain_t, mixed_t in zip(decode_times["plain"], decode_times[name])) - 1
+
+        ratios["decode_step_extra_1_steered_row"] = step_extra("one_steered")
+        ratios[f"decode_step_extra_{n // 4}_steered_rows"] = step_extra(mixed_name)
+        ratios[f"decode_step_extra_{n}_steered_rows"] = step_extra("all_steered")
+    if context:
+        targets = {"all_steered_vs_plain": 0.85, f"{mixed_name}_vs_plain": 0.95}
     else:
         targets = {"all_steered_vs_plain": 0.95, f"{mixed_name}_vs_plain": 0.97}
     if "hf_shared_config" in tps:

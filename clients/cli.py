@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         "eval-proxy", help="base vs expert vs proxy-tuned base vs tuned base on an offline task; gap closed"))
 
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
+    sub.add_parser("build-kernels", help="compile the CPU kernel of context-attention steering for this machine "
+                                         "(g++; done by ./run.sh setup; without it the slower torch pass runs)")
 
     from steerserve.clients.loadtest import add_loadtest_args
 
@@ -144,6 +146,13 @@ def main(argv: list[str] | None = None) -> None:
         from steerserve.server.model_store import ensure_embedded_model
 
         print(ensure_embedded_model())
+    elif args.command == "build-kernels":
+        from steerserve.patches.steers.context_attention import native
+
+        try:
+            print(native.build())
+        except RuntimeError as err:
+            raise SystemExit(f"steerserve build-kernels: {err}") from None
     elif args.command == "loadtest":
         args.func(args)
     elif args.command == "deploy":

@@ -12,9 +12,9 @@ from steerserve.patches.plan import ContextAttentionPlan
 from steerserve.patches.steers.context_attention.reference import pasta_bias
 
 
-def build_work(entries, device):
+def build_work(entries, device, kernel="auto"):
     """AttentionWork from (plan, batch index, start row, end row) per request."""
-    return ca.AttentionWork.build([(p, RequestRows(b, st, e)) for p, b, st, e in entries], device)
+    return ca.AttentionWork.build([(p, RequestRows(b, st, e)) for p, b, st, e in entries], device, kernel)
 
 
 def _cpu_write(isa: str):
@@ -170,11 +170,13 @@ def _dense_reference(q, k, v, bias_row, q_positions, scale, groups):
     return torch.einsum("hql,hld->qhd", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "auto"])
 @pytest.mark.parametrize("k_layout", ["identity", "transposed"])
-def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monkeypatch, k_layout):
+def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monkeypatch, k_layout, kernel):
     """A step with two decode rows, one chunked prefill and an unsteered row: each steered head's
     output equals dense biased attention; every other value is left exactly as the kernel wrote it.
-    Both K layouts: as-is, and stored transposed per block (the CPU "vec" path, used in place)."""
+    Both K layouts: as-is, and stored transposed per block (the CPU "vec" path, used in place);
+    decode rows by the torch pass and by the CPU kernel ("auto")."""
     monkeypatch.setattr(ca, "PREFILL_CHUNK_ELEMENTS", 64)  # force several query chunks
     torch.manual_seed(0)
     bs, kvh, hd, heads, nb = 16, 2, 8, 4, 12
@@ -197,7 +199,7 @@ def test_second_pass_matches_dense_attention_and_touches_only_steered_heads(monk
     seq_lens = torch.tensor([r[0] for r in reqs], dtype=torch.int32)
     p_all = ContextAttentionPlan(0.2, ((0, (0, 1, 2, 3)), (1, (2,))), "user", ((3, 9), (12, 14)))
     p_some = ContextAttentionPlan(0.5, ((0, (1, 3)),), "user", ((0, 4),))
-    work = build_work([(p_all, 0, 0, 1), (p_some, 1, 1, 2), (p_all, 2, 2, 14)], "cpu")
+    work = build_work([(p_all, 0, 0, 1), (p_some, 1, 1, 2), (p_all, 2, 2, 14)], "cpu", kernel)
     scale = hd**-0.5
     work.apply_(0, query, output, cache, reader, seq_lens, block_table, scale)
 
@@ -269,11 +271,76 @@ def test_decode_rows_are_chunked_by_gathered_tokens(monkeypatch):
         return original(self, items, *args)
 
     one = torch.zeros(6, heads, hd)
-    build_work(entries, "cpu").apply_(0, query, one, cache, reader, torch.tensor(lengths), block_table, 0.3)
+    build_work(entries, "cpu", "torch").apply_(0, query, one, cache, reader, torch.tensor(lengths), block_table, 0.3)
     monkeypatch.setattr(ca, "DECODE_CHUNK_TOKENS", 64)
     monkeypatch.setattr(ca.AttentionWork, "_decode_", spy)
     chunked = torch.zeros(6, heads, hd)
-    build_work(entries, "cpu").apply_(0, query, chunked, cache, reader, torch.tensor(lengths),
-                                                  block_table, 0.3)
+    build_work(entries, "cpu", "torch").apply_(0, query, chunked, cache, reader, torch.tensor(lengths),
+                                               block_table, 0.3)
     assert len(calls) > 1 and sum(calls) == 6
     torch.testing.assert_close(chunked, one)
+
+
+def test_cpu_kernel_builds_here():
+    """The set-up builds the CPU kernel wherever g++ is installed (CI machines have it); the
+    engine would otherwise fall back to the torch pass silently slower."""
+    import shutil
+
+    from steerserve.patches.steers.context_attention import native
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine: the CPU kernel cannot be built (the torch pass is used)")
+    assert native.cpu_kernel() is not None, native.cpu_kernel_error()
+
+
+def _layout_perm(kind: str, bs: int, hd: int) -> torch.Tensor:
+    """logical (t * hd + d) -> stored offset for a named block-interior layout."""
+    if kind == "permuted":
+        return torch.randperm(bs * hd, generator=torch.Generator().manual_seed(7))
+    shape, order = kvmod._strided_candidates(bs, hd)[kind]
+    return torch.arange(bs * hd).view(shape).permute(order).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layouts", [("transposed", "identity"), ("amx_k", "amx_v"), ("identity", "permuted"),
+                                     ("permuted", "amx_v")])
+def test_cpu_kernel_equals_the_torch_pass_on_every_layout(layouts, dtype):
+    """Decode rows through the C++ kernel (cache read in place) against the pure-torch pass on the
+    same step: every layout the calibration can report, grouped query heads, requests steering
+    different heads and layers, lengths not a multiple of the block; unsteered heads untouched."""
+    from steerserve.patches.steers.context_attention import native
+
+    if native.cpu_kernel() is None:
+        pytest.skip(f"CPU kernel unavailable: {native.cpu_kernel_error()}")
+    torch.manual_seed(3)
+    bs, kvh, hd, heads, nb = 32, 2, 32, 6, 20
+    perm_k, perm_v = _layout_perm(layouts[0], bs, hd), _layout_perm(layouts[1], bs, hd)
+    reader = kvmod.CpuPagedKV(bs, hd, perm_k, perm_v)
+    assert (reader.kind_k, reader.kind_v) == layouts
+    cache = torch.randn(nb, kvh, bs, 2 * hd).to(dtype)
+    lengths = [70, 1, 33, 96, 5]
+    block_table = torch.tensor([[4, 9, 2, 0], [7, 0, 0, 0], [11, 3, 0, 0], [1, 5, 8, 13], [19, 0, 0, 0]],
+                               dtype=torch.int32)
+    p_all = ContextAttentionPlan(0.2, ((0, tuple(range(heads))), (1, (4,))), "user", ((3, 9), (40, 60)))
+    p_some = ContextAttentionPlan(0.6, ((0, (1, 5)),), "user", ((0, 4),))
+    entries = [(p_all, 0, 0, 1), (p_some, 1, 1, 2), (p_all, 2, 2, 3), (p_some, 3, 3, 4)]  # row 4: unsteered
+    query = torch.randn(5, heads, hd).to(dtype)
+    before = torch.randn(5, heads, hd).to(dtype)
+    for layer in (0, 1, 2):
+        out_torch, out_kernel = before.clone(), before.clone()
+        seq = torch.tensor(lengths, dtype=torch.int32)
+        ca.AttentionWork.build([(p, RequestRows(b, st, e)) for p, b, st, e in entries], "cpu", "torch").apply_(
+            layer, query, out_torch, cache, reader, seq, block_table, hd**-0.5)
+        work = ca.AttentionWork.build([(p, RequestRows(b, st, e)) for p, b, st, e in entries], "cpu")
+        assert work._cpu_kernel(cache, reader) is not None
+        work.apply_(layer, query, out_kernel, cache, reader, seq, block_table, hd**-0.5)
+        changed = (out_kernel != before).any(-1)
+        assert torch.equal(changed, (out_torch != before).any(-1))
+        tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # one bf16 rounding of the output
+        torch.testing.assert_close(out_kernel.float(), out_torch.float(), atol=tol, rtol=tol)
+        if layer == 0:
+            assert changed[:4].sum().item() == heads + 2 + heads + 2 and not changed[4].any()
+        elif layer == 1:
+            assert changed[:, 4].tolist() == [True, False, True, False, False] and changed.sum().item() == 2
+        else:
+            assert not changed.any()

@@ -225,8 +225,8 @@ class VectorEngine(SteerEngine):
         rows = torch.cat([torch.arange(s, e, dtype=torch.long) for _, s, e in pieces])
         slots = torch.repeat_interleave(torch.tensor([slot[c] for c, _, _ in pieces], dtype=torch.long),
                                         torch.tensor([e - s for _, s, e in pieces]))
-        return VectorStep(store.table, layers, rows.to(shape.device, non_blocking=True),
-                          slots.to(shape.device, non_blocking=True))
+        return VectorStep(store.table, layers, rows.to(store.device, non_blocking=True),
+                          slots.to(store.device, non_blocking=True))
 
     def residual_(self, state: VectorStep, hidden: torch.Tensor, layer: int) -> None:
         state.apply_(hidden, layer)
