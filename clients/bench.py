@@ -41,10 +41,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of engine workloads (default 3); speeds are medians, engine ratios are medians "
                         "of per-round ratios")
-    p.add_argument("--steer", choices=["infosteer", "context", "mixing", "proxy", "vectors"], default="infosteer",
+    p.add_argument("--steer", choices=["infosteer", "context", "context-kernel", "mixing", "proxy", "vectors"],
+                   default="infosteer",
                    help="which steer to measure (default infosteer); mixing: TAIA with a fully fine-tuned variant "
                         "(clients/bench_mixing.py); proxy: proxy tuning (clients/bench_proxy.py); vectors: residual "
-                        "steering vectors (clients/bench_vectors.py)")
+                        "steering vectors (clients/bench_vectors.py); context-kernel: the context-attention pass "
+                        "alone, CPU kernel vs torch pass, on synthetic paged tensors (clients/bench_context_kernel.py)")
     p.add_argument("--vector", default=None, metavar="FILE",
                    help="vectors only: the main vector (default: the embedded model's demo vector; needed with --model)")
     p.add_argument("--vector-scale", type=float, default=4.0, help="vectors only: scale of the configurations (default 4)")
@@ -92,6 +94,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         from .bench_vectors import run_vectors_bench
 
         return run_vectors_bench(args)
+    if args.steer == "context-kernel":
+        from .bench_context_kernel import run_context_kernel_bench
+
+        return run_context_kernel_bench(args)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM
@@ -224,9 +230,9 @@ def run_bench(args: argparse.Namespace) -> dict:
             return statistics.median(statistics.median(m / p for m, p in zip(mixed_t, plain_t))
                                      for plain_t, mixed_t in zip(decode_times["plain"], decode_times[name])) - 1
 
-        ratios["decode_step_extra_1_steered_row"] = step_extra("one_steered")
-        ratios[f"decode_step_extra_{n // 4}_steered_rows"] = step_extra(mixed_name)
-        ratios[f"decode_step_extra_{n}_steered_rows"] = step_extra("all_steered")
+        ratios["decode_step_extra_one_steered_row"] = step_extra("one_steered")
+        ratios["decode_step_extra_quarter_steered_rows"] = step_extra(mixed_name)
+        ratios["decode_step_extra_all_steered_rows"] = step_extra("all_steered")
     if context:
         targets = {"all_steered_vs_plain": 0.85, f"{mixed_name}_vs_plain": 0.95}
     else:

@@ -31,6 +31,7 @@ from steerserve.patches.steers.base import RenderedPrompt
 
 from . import auth, family, feedback, limits, metrics
 from .experiments import UNIT_HEADER, resolve_experiment
+from .profiles import MODEL_SEPARATOR, split_model_name, steer_for_model_name
 from .schema import SteerError, normalise, plan_for, resolve_profile, serving_context
 from steerserve.patches.adapter.server import (
     engine_input_text, http_surface, intercept_renders, refused_by_vllm_bug, render_chat_text, renderer_tokenizer,
@@ -192,22 +193,35 @@ async def _render_hook(kind: str, serving, request, result):
 
 def take_plan(request, raw_request: Request, field_prefix: str = "",
               endpoint: str = "chat") -> tuple[Applied | None, JSONResponse | None]:
-    """Pop `steer` off a parsed vLLM request and apply it (`apply_steer`).
+    """Pop `steer` off a parsed vLLM request and apply it (`apply_steer`), with the profile or
+    experiment its model name selects (`MODEL@NAME`: `model` becomes MODEL; the response shows the
+    name asked for).
 
-    Mutates `request` (vllm_xargs, cache_salt, model_extra). Returns (what is applied, or None when
-    the request had no `steer` field; a 400 response naming `field_prefix` + the field, or None).
+    Mutates `request` (vllm_xargs, cache_salt, model_extra, model). Returns (what is applied, or
+    None when the request had no `steer` field and named no profile; a 400 response naming
+    `field_prefix` + the field, or None).
     """
     extra = request.model_extra or {}
     if request.vllm_xargs and (EXTRA_ARGS_KEY in request.vllm_xargs or SIGNATURE_KEY in request.vllm_xargs):
         key = EXTRA_ARGS_KEY if EXTRA_ARGS_KEY in request.vllm_xargs else SIGNATURE_KEY
         field = f"{field_prefix}vllm_xargs.{key}"
         return None, bad_request(field, f"{field} is reserved for steerserve; pass steering as the `steer` field")
-    if STEER_FIELD not in extra and not family.current().needs_plan(getattr(request, "model", None)):
-        return None, None
-    unit = getattr(request, "user", None) or raw_request.headers.get(UNIT_HEADER)
+    fam = family.current()
+    requested = getattr(request, "model", None)
     try:
+        named = split_model_name(requested, raw_request.app.state.steerserve_config,
+                                 lambda m: m == fam.base_name or fam.variant_for_model(m)[0] is not None)
+        if STEER_FIELD not in extra and named is None and not fam.needs_plan(requested):
+            return None, None
+        unit = getattr(request, "user", None) or raw_request.headers.get(UNIT_HEADER)
         intercept_renders(raw_request.app.state, _render_hook)
-        return apply_steer(request, extra.pop(STEER_FIELD, None), raw_request.app.state, unit, endpoint), None
+        raw = extra.pop(STEER_FIELD, None)
+        if named is not None:  # MODEL@PROFILE / MODEL@EXPERIMENT: the model, steered by that name
+            base, kind, name = named
+            raw = steer_for_model_name(raw, kind, name)
+            request.model = base
+        applied = apply_steer(request, raw, raw_request.app.state, unit, endpoint)
+        return (replace(applied, response_model=requested) if named is not None else applied), None
     except SteerError as err:
         field = f"{field_prefix}{err.field}"
         metrics.count_rejected(err.field)
@@ -316,7 +330,8 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
 @router.get("/v1/models")
 async def list_models(raw_request: Request):
     """vLLM's model list (the base and LoRA adapters) plus the fully fine-tuned variants and their
-    mixes, each annotated with the variant and mixing it serves."""
+    mixes, each annotated with the variant and mixing it serves, and `BASE@NAME` for every profile
+    and experiment (annotated with it; a profile with its steer object)."""
     listing = await served_models_listing(raw_request.app.state)
     fam = family.current()
     for entry in listing.get("data", []):
@@ -324,6 +339,19 @@ async def list_models(raw_request: Request):
         if variant is not None:
             entry["steerserve"] = {"variant": variant.name, "mixing": label or "tuned", "kind": variant.kind}
     listing["data"] = listing.get("data", []) + fam.models_listing()
+    config = raw_request.app.state.steerserve_config
+    named = []
+    for entry in listing["data"]:
+        if entry.get("id") != fam.base_name:
+            continue
+        for kind, names in (("profile", config.profiles), ("experiment", config.experiments)):
+            for name in sorted(names):
+                about = {kind: name}
+                if kind == "profile":
+                    about["steer"] = config.profiles[name]
+                named.append({**entry, "id": f"{entry['id']}{MODEL_SEPARATOR}{name}", "parent": entry["id"],
+                              "steerserve": about})
+    listing["data"] += named
     return JSONResponse(content=listing)
 
 

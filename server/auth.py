@@ -12,6 +12,8 @@ middleware in front of every route) requires `Authorization: Bearer <key>` every
   sets (steer kinds, known fields, configured experiments and arms: no client input), and the
   playground is a static page whose own API calls carry the key typed into it. Close them where
   traffic volumes or the configured experiment names are not for everyone.
+- the API reference (`/docs`, its assets and `/openapi.json`) only when opened with
+  `--public-routes metrics,playground,docs`: a browser cannot send the key to it.
 
 CORS preflights (OPTIONS) pass, as in vLLM (they carry no credentials by design and generate
 nothing). Keys are compared as SHA-256 digests in constant time. A key in the query string
@@ -30,8 +32,14 @@ import secrets
 API_KEY_ENV = "STEERSERVE_API_KEY"
 PUBLIC_ROUTES_ENV = "STEERSERVE_PUBLIC_ROUTES"
 ALWAYS_PUBLIC = frozenset({"/health", "/ping"})
-# routes that are public unless closed (`--public-routes`), by the name the flag takes
-OPTIONAL_PUBLIC = {"metrics": "/metrics", "playground": "/playground"}
+# routes that can be public (`--public-routes`), by the name the flag takes: their paths
+OPTIONAL_PUBLIC = {
+    "metrics": ("/metrics",),
+    "playground": ("/playground",),
+    # the API reference: Swagger UI with vLLM's vendored assets (`--enable-offline-docs`), its schema
+    "docs": ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/static/swagger-ui-bundle.js",
+             "/static/swagger-ui.css"),
+}
 DEFAULT_PUBLIC = ("metrics", "playground")
 
 
@@ -52,7 +60,7 @@ def public_paths() -> frozenset[str]:
     """The paths answered without a key (read from the environment `serve` sets)."""
     raw = os.environ.get(PUBLIC_ROUTES_ENV)
     names = DEFAULT_PUBLIC if raw is None else parse_public_routes(raw)
-    return ALWAYS_PUBLIC | {OPTIONAL_PUBLIC[n] for n in names}
+    return ALWAYS_PUBLIC | {path for n in names for path in OPTIONAL_PUBLIC[n]}
 
 
 def _digest(key: str) -> bytes:

@@ -37,7 +37,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "and never logged; a key in the query string is refused and redacted from the access log")
     p.add_argument("--public-routes", default=None, metavar="LIST",
                    help="with an API key, the routes that stay open besides /health and /ping: a comma-separated "
-                        "subset of metrics,playground, or none (default: metrics,playground; see docs/reliability.md, Authentication)")
+                        "subset of metrics,playground,docs (docs: /docs, the API reference, and /openapi.json), "
+                        "or none "
+                        "(default: metrics,playground; see docs/reliability.md, Authentication)")
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
                    help="KV cache size in GiB (default 2); 0 leaves it to vLLM's memory fraction, e.g. on a GPU "
                         "--kv-cache-gb 0 --vllm-arg=--gpu-memory-utilization=0.9")
@@ -45,10 +47,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help=f"context length cap (default: the model's own limit, max_position_embeddings, at most "
                         f"{DEFAULT_MAX_MODEL_LEN})")
     p.add_argument("--max-num-seqs", type=int, default=None, help="max concurrent sequences per step (vLLM default)")
-    p.add_argument("--dtype", default="auto",
-                   help="weights/activations dtype: auto (the checkpoint's: bfloat16 for the embedded model), "
-                        "bfloat16, float16, float32 (about 2.3x slower on CPU, but batch-invariant enough for "
-                        "exact comparisons over HTTP)")
+    p.add_argument("--dtype", default=None,
+                   help="weights/activations dtype: auto (the checkpoint's), bfloat16, float16, float32. Default: "
+                        "float32 for the embedded model (its first answers are right and batch-invariant; "
+                        "bfloat16 is faster on CPU but flips near-ties, docs/serve.md, Dtype), auto for others")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--eager", dest="compile", action="store_false",
                       help="run the model eagerly (default: faster start-up, about 30 s on a 2-core CPU)")
@@ -117,9 +119,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-responses-api", action="store_true",
                    help="also serve vLLM's /v1/responses routes (off by default: steering does not apply there, "
                         "and vLLM 0.32 answers 500 to some inputs, see docs/reliability.md, Limits)")
+    p.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="turn on OpenAI tool calling (`tools`, `tool_choice: auto`) with vLLM's parser NAME for the "
+                        "model's tool-call format, e.g. hermes (Qwen2.5/Qwen3), llama3_json, mistral; off by default: "
+                        "the embedded model's chat template renders no tools (docs/clients.md, Tool calling)")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="pass one more argument to vLLM's server verbatim (repeatable), "
                         "e.g. --vllm-arg=--tensor-parallel-size=2")
+
+
+# the embedded model's default dtype: measured in docs/serve.md, "Dtype" (float32 answers the first
+# questions right; vLLM's CPU bfloat16 kernels break a near-tie on "the capital of France" the wrong way)
+EMBEDDED_DTYPE = "float32"
 
 
 def default_max_model_len(model: Path) -> int:
@@ -139,7 +150,7 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
         "--host", args.host,
         "--port", str(args.port),
         "--max-model-len", str(args.max_model_len or default_max_model_len(model)),
-        "--dtype", args.dtype,
+        "--dtype", args.dtype or (EMBEDDED_DTYPE if args.model is None else "auto"),
     ]
     if args.kv_cache_gb > 0:  # 0: leave the KV size to vLLM's --gpu-memory-utilization fraction
         argv += ["--kv-cache-memory-bytes", str(int(args.kv_cache_gb * (1 << 30)))]
@@ -164,6 +175,11 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
     if args.distributed_executor_backend:
         argv += ["--distributed-executor-backend", args.distributed_executor_backend]
     argv.append("--no-enable-prefix-caching" if args.no_prefix_caching else "--enable-prefix-caching")
+    # /docs with vLLM's vendored Swagger UI assets (FastAPI's default page loads them from a CDN,
+    # blank offline); /redoc has no offline form and is off
+    argv.append("--enable-offline-docs")
+    if args.tool_call_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", args.tool_call_parser]
     return argv + list(args.vllm_arg)
 
 

@@ -22,10 +22,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import head_sets
 from .experiments import Experiment, parse_experiments
-from .schema import ModelInfo, SteerError, normalise, parse_spec
+from .schema import ModelInfo, SteerError, normalise, parse_spec, shown
 
 CONFIG_ENV = "STEERSERVE_CONFIG"
 # variants, proxies, vectors: read by `serve` (server/cli.py)
@@ -104,8 +105,9 @@ def load_config(path: str | Path | None, info: ModelInfo | None,
     if not isinstance(profiles, dict):
         raise ConfigError(f"{path}: `profiles` must be a mapping of name -> steer object")
     for name, steer in profiles.items():
-        if not isinstance(name, str) or not name or len(name) > 128:
-            raise ConfigError(f"{path}: profile name {name!r} must be a non-empty string of at most 128 characters")
+        if not isinstance(name, str) or not name or len(name) > 128 or MODEL_SEPARATOR in name:
+            raise ConfigError(f"{path}: profile name {name!r} must be a non-empty string of at most 128 characters "
+                              f"without {MODEL_SEPARATOR!r} (served as MODEL{MODEL_SEPARATOR}PROFILE)")
         try:
             if isinstance(steer, dict) and "profile" in steer:
                 raise SteerError("steer.profile", "profiles cannot name other profiles")
@@ -119,7 +121,54 @@ def load_config(path: str | Path | None, info: ModelInfo | None,
         experiments = parse_experiments(data.get("experiments"), profiles, str(path))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    for name in experiments:
+        if MODEL_SEPARATOR in name or name in profiles:
+            raise ConfigError(f"{path}: experiment {name!r}: experiment names must not contain {MODEL_SEPARATOR!r} "
+                              "nor equal a profile's name (both are served as MODEL@NAME)")
     return ServerConfig(profiles, experiments, sets)
+
+
+MODEL_SEPARATOR = "@"
+
+
+def split_model_name(model: object, config: ServerConfig, served: Callable[[str], bool]) -> tuple[str, str, str] | None:
+    """`MODEL@NAME` -> (MODEL, "profile" or "experiment", NAME) when NAME is a profile or an
+    experiment of `config`; None for a name without the separator, or whose MODEL part is not a
+    model this server serves (`served`; vLLM then answers as for any unknown model). Raises
+    SteerError("model") for a served MODEL with an unknown NAME."""
+    if not isinstance(model, str) or MODEL_SEPARATOR not in model:
+        return None
+    base, _, name = model.rpartition(MODEL_SEPARATOR)
+    if name in config.profiles:
+        return base, "profile", name
+    if name in config.experiments:
+        return base, "experiment", name
+    if not served(base):
+        return None
+    known = [f"profiles: {', '.join(sorted(config.profiles)) or 'none'}",
+             f"experiments: {', '.join(sorted(config.experiments)) or 'none'}"]
+    raise SteerError("model", f"{shown(model)}: {shown(name)} after {MODEL_SEPARATOR!r} is not a profile or experiment "
+                              f"of this server ({'; '.join(known)})")
+
+
+def steer_for_model_name(raw: object, kind: str, name: str) -> dict:
+    """The request's `steer` with the model name's profile or experiment added. A profile is the
+    base the request's own fields override (as `steer.profile`); an experiment takes no other
+    fields. Raises SteerError on a conflict."""
+    if raw is None:
+        return {kind: name}
+    if not isinstance(raw, dict):
+        return raw  # the schema reports the type
+    if kind == "experiment":
+        raise SteerError("steer", f"the model name selects experiment {shown(name)}: an experiment cannot be combined "
+                                  "with a `steer` field (the arm decides the steering)")
+    if raw.get("experiment") is not None:
+        raise SteerError("steer.experiment", f"the model name selects profile {shown(name)}; an experiment cannot be "
+                                             "combined with it")
+    if raw.get("profile") not in (None, name):
+        raise SteerError("steer.profile", f"the model name selects profile {shown(name)} but steer.profile is "
+                                          f"{shown(raw['profile'])}: use one of them")
+    return {**raw, "profile": name}
 
 
 def cli_head_sets(info: ModelInfo | None) -> dict[str, tuple]:

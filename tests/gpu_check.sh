@@ -16,6 +16,23 @@ if [[ "${1:-}" == "--pack" ]]; then
       iniconfig packaging pygments py.py; do
     if [[ -e "$sp/$x" ]]; then cp -r "$sp/$x" build/gpu-deps/; fi
   done
+  # pydantic-core is compiled per Python version: add the same version's builds for 3.12 and 3.13
+  # (the extension files are named by ABI, so they sit side by side)
+  core=$(.venv/bin/python -c "import pydantic_core; print(pydantic_core.__version__)")
+  wheels=$(mktemp -d)
+  for v in 3.12 3.13; do
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version "$v" \
+      --platform manylinux2014_x86_64 -d "$wheels" "pydantic-core==$core"
+  done
+  for w in "$wheels"/*.whl; do
+    .venv/bin/python - "$w" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name in z.namelist():
+        if name.startswith("pydantic_core/_pydantic_core.cpython-"):
+            z.extract(name, "build/gpu-deps")
+PY
+  done
   du -sh build/gpu-deps; exit 0
 fi
 extra=""

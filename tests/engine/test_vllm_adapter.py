@@ -185,8 +185,13 @@ def test_endpoint_plugin_and_launcher_surface():
     assert inspect.iscoroutinefunction(run_server) and callable(load_endpoint_plugins)
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
         ["--model", "/x", "--kv-cache-memory-bytes", "1024", "--hf-overrides", '{"architectures": ["A"]}',
-         "--enforce-eager", "--api-key", "k", "--enable-prefix-caching"])
+         "--enforce-eager", "--api-key", "k", "--enable-prefix-caching", "--enable-offline-docs",
+         "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
     assert args.kv_cache_memory_bytes == 1024 and args.api_key == ["k"]
+    assert args.enable_offline_docs and args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
+    from vllm.tool_parsers import ToolParserManager  # the parser names `--tool-call-parser` documents
+
+    assert {"hermes", "llama3_json", "mistral"} <= set(ToolParserManager.list_registered())
 
 
 def test_offline_engine_shutdown_surface():

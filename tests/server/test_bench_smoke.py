@@ -22,10 +22,21 @@ def test_bench_runs_all_workloads(tiny_llama, tmp_path, steer, mixed):
     out = tmp_path / "bench.json"
     results = run_bench(bench_args(tiny_llama, out, steer))
     assert set(results["runs"]) == {"engine_plain", "engine_plain_control", "engine_all_steered", f"engine_{mixed}",
-                                    "engine_distinct_configs", "hf_shared_config", "hf_distinct_configs"}
+                                    "engine_distinct_configs", "hf_shared_config", "hf_distinct_configs",
+                                    *(["engine_one_steered"] if steer == "context" else [])}
     assert f"unsteered_rows_decode_time_{mixed}_over_plain" in results["ratios"]
+    if steer == "context":
+        assert {"decode_step_extra_one_steered_row", "decode_step_extra_all_steered_rows"} <= set(results["ratios"])
     assert all(r["tok_per_s"] > 0 for r in results["runs"].values())
     assert "engine_vs_hf_distinct_configs" in results["ratios"] and out.exists()
+
+
+def test_context_kernel_bench_runs(tiny_llama, tmp_path):
+    out = tmp_path / "bench.json"
+    results = run_bench(bench_args(tiny_llama, out, "context-kernel", "--context-tokens", "300"))
+    assert [(r["context"], r["steered_rows"]) for r in results["decode"]] == [(300, 1), (300, 8), (300, 32)]
+    assert all(r["torch_ms"] > 0 and r["auto_ms"] > 0 for r in results["decode"]) and out.exists()
+    assert results["prefill"][0]["ms_per_request"] > 0
 
 
 def test_mixing_bench_runs(tiny_llama, tmp_path):

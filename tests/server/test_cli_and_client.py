@@ -28,7 +28,17 @@ def test_defaults_serve_loopback_eager_without_auth(tmp_path, monkeypatch):
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8000"
     assert "--api-key" not in argv and "--enforce-eager" in argv and "--enable-prefix-caching" in argv
     assert json.loads(argv[argv.index("--hf-overrides") + 1]) == {"architectures": ["SteerableLlamaForCausalLM"]}
-    assert argv[argv.index("--dtype") + 1] == "auto"
+    assert argv[argv.index("--dtype") + 1] == "float32"  # no --model: the embedded model's default
+    assert "--enable-offline-docs" in argv and "--enable-auto-tool-choice" not in argv
+    own = cli.vllm_argv(_args("--model", str(tmp_path)), _model(tmp_path, "LlamaForCausalLM"))
+    assert own[own.index("--dtype") + 1] == "auto"  # another checkpoint: its own dtype
+    faster = cli.vllm_argv(_args("--dtype", "bfloat16"), _model(tmp_path, "LlamaForCausalLM"))
+    assert faster[faster.index("--dtype") + 1] == "bfloat16"
+
+
+def test_tool_call_parser_turns_on_tool_calling(tmp_path):
+    argv = cli.vllm_argv(_args("--tool-call-parser", "hermes"), _model(tmp_path, "Qwen2ForCausalLM"))
+    assert "--enable-auto-tool-choice" in argv and argv[argv.index("--tool-call-parser") + 1] == "hermes"
 
 
 def test_flags_map_to_vllm(tmp_path):

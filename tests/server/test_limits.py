@@ -252,8 +252,11 @@ def test_public_routes_flag_values(monkeypatch):
     assert auth.public_paths() == {"/health", "/ping"}
     monkeypatch.setenv(auth.PUBLIC_ROUTES_ENV, "metrics")
     assert auth.public_paths() == {"/health", "/ping", "/metrics"}
-    with pytest.raises(ValueError, match="allowed: metrics, playground"):
-        auth.parse_public_routes("metrics,docs")
+    monkeypatch.setenv(auth.PUBLIC_ROUTES_ENV, "docs")
+    assert auth.public_paths() == {"/health", "/ping", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+                                   "/static/swagger-ui-bundle.js", "/static/swagger-ui.css"}
+    with pytest.raises(ValueError, match="allowed: metrics, playground, docs"):
+        auth.parse_public_routes("metrics,admin")
 
 
 def test_query_string_credentials_are_redacted_from_logs():

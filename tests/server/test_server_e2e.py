@@ -44,10 +44,10 @@ def server(tmp_path_factory):
     config = folder / "steerserve.yaml"
     config.write_text(CONFIG)
     args = ["--api-key", API_KEY, "--config", str(config), "--feedback-db", str(folder / "ab.sqlite3"),
-            "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1",
-            # float32: greedy answers do not move with batch composition, so the mixed-batch test can
-            # compare texts exactly (and "Paris" beats a near-tie that bfloat16 flips to "L'...")
-            "--dtype", "float32"]
+            "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-gb", "1"]
+    # the embedded model's default dtype, float32: greedy answers do not move with batch composition,
+    # so the mixed-batch test can compare texts exactly (and "Paris" beats a near-tie that bfloat16
+    # flips to "L'..."; test_first_questions_are_answered_right)
     with running_server(args, folder / "server.log") as base:
         yield base
 
@@ -66,7 +66,8 @@ def chat(client, steer: dict | None = None, **kw):
 
 
 def test_models_health_and_auth(server, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    names = [f"{MODEL}@{n}" for n in ("focus", "gloomy", "middle-lift", "strong", "tone")]
+    assert [m.id for m in client.models.list().data] == [MODEL, *names]
     assert httpx.get(f"{server}/health").status_code == 200  # health is not guarded
     assert httpx.get(f"{server}/v1/models").status_code == 401
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
@@ -248,6 +249,84 @@ def test_profiles_listed_used_and_overridden(server, client):
     assert info.value.body["param"] == "steer.profile" and "focus, gloomy, middle-lift, strong" in info.value.message
 
 
+def test_first_questions_are_answered_right(server, client):
+    """The default server (no --dtype) answers the eight questions a newcomer asks first
+    (clients/data/first-questions.jsonl): float32 by default for the embedded model."""
+    path = Path(__file__).resolve().parents[2] / "clients" / "data" / "first-questions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 8
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda r: client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": r["prompt"]}], max_tokens=24,
+            temperature=0.0).choices[0].message.content, rows))
+    wrong = [(r["prompt"], a) for r, a in zip(rows, answers)
+             if not any(ref.lower() in a.lower() for ref in r["references"])]
+    assert not wrong, wrong
+
+
+def test_api_reference_is_served_offline(server):
+    """/docs uses vLLM's vendored Swagger UI assets (no CDN), behind the key by default."""
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{server}/docs").status_code == 401
+    page = httpx.get(f"{server}/docs", headers=key)
+    assert page.status_code == 200 and "/static/swagger-ui-bundle.js" in page.text and "cdn" not in page.text.lower()
+    bundle = httpx.get(f"{server}/static/swagger-ui-bundle.js", headers=key)
+    assert bundle.status_code == 200 and len(bundle.content) > 100_000
+    assert "steer" in httpx.get(f"{server}/openapi.json", headers=key).text
+
+
+def test_profiles_and_experiments_as_model_names(server, client):
+    """`MODEL@PROFILE` steers any client that can only pick a model: listed, equal to
+    `steer.profile`, overridable, streamed and on /v1/completions too; bad names are 400s."""
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed[f"{MODEL}@strong"].model_extra["steerserve"] == {"profile": "strong",
+                                                                    "steer": {"infosteer": {"alpha": 3.0}}}
+    assert listed[f"{MODEL}@tone"].model_extra["steerserve"] == {"experiment": "tone"}
+    assert listed[f"{MODEL}@strong"].model_extra["parent"] == MODEL
+    raw = client.chat.completions.with_raw_response.create(
+        model=f"{MODEL}@strong", messages=QUESTION, max_tokens=24, temperature=0.0, logprobs=True)
+    by_name = raw.parse()
+    by_field = chat(client, {"profile": "strong"}, logprobs=True)
+    plain = chat(client, logprobs=True)
+    assert by_name.model == f"{MODEL}@strong" and by_name.model_extra["steer"]["profile"] == "strong"
+    assert by_name.model_extra["steer"]["fingerprint"] == by_field.model_extra["steer"]["fingerprint"]
+    assert raw.headers["x-steer-fingerprint"] == by_field.model_extra["steer"]["fingerprint"]
+    assert by_name.choices[0].message.content == by_field.choices[0].message.content
+    assert [t.logprob for t in by_name.choices[0].logprobs.content] == \
+        [t.logprob for t in by_field.choices[0].logprobs.content]
+    assert [t.logprob for t in by_name.choices[0].logprobs.content] != \
+        [t.logprob for t in plain.choices[0].logprobs.content]  # it did steer
+    over = client.chat.completions.create(model=f"{MODEL}@middle-lift", messages=QUESTION, max_tokens=4,
+                                          temperature=0.0, extra_body={"steer": {"infosteer": {"layers": [0]}}})
+    assert over.model_extra["steer"]["applied"][0]["layers"] == [0]
+    assert over.model_extra["steer"]["applied"][0]["mode"] == "lift"
+    stream = client.chat.completions.create(model=f"{MODEL}@strong", messages=QUESTION, max_tokens=24,
+                                            temperature=0.0, stream=True)
+    chunks = list(stream)
+    assert all(c.model == f"{MODEL}@strong" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        by_name.choices[0].message.content
+    completion = client.completions.create(model=f"{MODEL}@strong", prompt="The capital of France is",
+                                           max_tokens=4, temperature=0.0)
+    assert completion.model == f"{MODEL}@strong" and completion.model_extra["steer"]["profile"] == "strong"
+    arm = client.chat.completions.create(model=f"{MODEL}@tone", messages=QUESTION, max_tokens=4, user="unit-7")
+    assert arm.model_extra["steer"]["experiment"] == "tone" and arm.model == f"{MODEL}@tone"
+    for kwargs, param in [
+        (dict(model=f"{MODEL}@nope"), "model"),
+        (dict(model=f"{MODEL}@strong", extra_body={"steer": {"profile": "focus"}}), "steer.profile"),
+        (dict(model=f"{MODEL}@strong", extra_body={"steer": {"experiment": "tone"}}), "steer.experiment"),
+        (dict(model=f"{MODEL}@tone"), "user"),
+        (dict(model=f"{MODEL}@tone", user="u", extra_body={"steer": {}}), "steer"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(messages=QUESTION, max_tokens=4, **kwargs)
+        assert info.value.body["param"] == param, (kwargs, info.value.message)
+        if param == "model":
+            assert "profiles: focus, gloomy, middle-lift, strong; experiments: tone" in info.value.message
+    with pytest.raises(openai.NotFoundError):  # a profile after a model this server does not serve
+        client.chat.completions.create(model="other@strong", messages=QUESTION, max_tokens=4)
+
+
 def test_ab_compare_side_by_side(server, client):
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0,
             "arms": [{"name": "plain", "steer": {}}, {"name": "same", "steer": {"infosteer": {"alpha": 1.0}}},
@@ -280,6 +359,13 @@ def test_experiment_assignment_echo_and_metrics(server, client):
     from steerserve.server.experiments import Experiment, ExperimentArm
 
     local = Experiment("tone", (ExperimentArm("control", None, 1.0), ExperimentArm("strong", "strong", 1.0)))
+
+    def counted(text: str, metric: str, arm: str) -> float:
+        """The counter's value in a /metrics text (0 when absent): other tests may use the experiment."""
+        prefix = f'{metric}{{arm="{arm}",experiment="tone"}} '
+        return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+    before = httpx.get(f"{server}/metrics").text
     seen = {}
     for unit in ["alice", "bob", "carol", "dave", "erin", "frank"]:
         r = chat(client, {"experiment": "tone"}, user=unit, max_tokens=8)
@@ -299,8 +385,8 @@ def test_experiment_assignment_echo_and_metrics(server, client):
     assert info.value.body["param"] == "user"
     text = httpx.get(f"{server}/metrics").text
     for arm, count in seen.items():
-        assert f'steerserve_ab_requests_total{{arm="{arm}",experiment="tone"}} {float(count)}' in text
-        assert f'steerserve_ab_request_latency_seconds_count{{arm="{arm}",experiment="tone"}} {float(count)}' in text
+        for metric in ("steerserve_ab_requests_total", "steerserve_ab_request_latency_seconds_count"):
+            assert counted(text, metric, arm) - counted(before, metric, arm) == count, (metric, arm)
         assert f'steerserve_ab_generation_tokens_total{{arm="{arm}",experiment="tone"}}' in text
 
 
@@ -622,6 +708,43 @@ def test_readme_examples_run_as_written(server):
     out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
     body = json.loads(out.stdout)
     assert body["steer"]["applied"][0]["mode"] == "topk" and body["choices"][0]["text"], out.stdout[:500]
+
+
+def test_clients_doc_recipes_run_as_written(server, tmp_path):
+    """docs/clients.md: every Python recipe (OpenAI SDK sync / by model name / async streaming,
+    LangChain) and the curl line, run against this server with the address, key, model and profile
+    substituted (`gentle` -> this server's `strong`); its config block loads."""
+    import re
+    from pathlib import Path
+
+    from steerserve.server.profiles import load_config
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "clients.md").read_text()
+
+    def adapt(block: str) -> str:
+        return (block.replace("http://127.0.0.1:8000", server).replace("sk-local", API_KEY)
+                .replace("SmolLM2-135M-Instruct", MODEL).replace("gentle", "strong"))
+
+    (yaml_block,) = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    (tmp_path / "c.yaml").write_text(yaml_block)
+    assert "gentle" in load_config(tmp_path / "c.yaml", None).profiles
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 4
+    env = {**os.environ, "STEERSERVE_API_KEY": API_KEY}
+    outputs = []
+    for block in blocks:
+        out = subprocess.run([sys.executable, "-c", adapt(block)], capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert out.returncode == 0, block + out.stderr[-3000:]
+        outputs.append(out.stdout)
+    assert "'steer': 'infosteer'" in outputs[0] and re.search(r"^[0-9a-f]{16} infosteer$", outputs[0], re.M)
+    assert f"{MODEL}@strong strong" in outputs[1] and outputs[1].strip().endswith("2.0")
+    assert "strong " in outputs[2].strip().splitlines()[-1]
+    assert "infosteer" in outputs[3] and re.search(r"^[0-9a-f]{16}$", outputs[3], re.M)
+    (curl,) = re.findall(r"```bash\n(.*?)```", text, re.S)
+    out = subprocess.run(["bash", "-c", adapt(curl)], capture_output=True, text=True, timeout=300, env=env)
+    head, _, body = out.stdout.partition("\n\n")  # text mode: curl's CRLFs read as newlines
+    assert "x-steer-echo:" in head.lower() and json.loads(body)["steer"]["profile"] == "strong", out.stdout[:800]
 
 
 def test_steering_doc_shell_examples_run_as_written(server):

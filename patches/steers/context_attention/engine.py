@@ -108,7 +108,7 @@ class AttentionWork:
     kernel: str = "auto"  # "auto": the CPU / CUDA kernel for decode rows where it runs; "torch": never
     _bias_cache: dict = field(default_factory=dict)  # (request idx, length) -> bias tensor
     _lengths: list[int] | None = None  # seq_lens of the step (one read, shared by every layer)
-    _kernel_inputs: dict = field(default_factory=dict)  # decode request indices -> the kernel's step tensors
+    _kernel_inputs: dict = field(default_factory=dict)  # the kernels' per-step tensors, shared by the layers
 
     @classmethod
     def build(cls, entries: list[tuple[ContextAttentionPlan, RequestRows]], device,
@@ -206,7 +206,7 @@ class AttentionWork:
             block_ids = block_table.index_select(0, batch_idx).contiguous()
             bias = torch.zeros(len(self.requests), longest, dtype=torch.float32)
             for i, length in enumerate(lengths):
-                bias[i, :length] = self.bias(i, length).cpu()
+                bias[i, :length] = key_bias(self.requests[i].plan, length)
             step = (block_ids, bias.to(device, non_blocking=True), lengths)
             self._kernel_inputs["triton"] = step
         block_ids, bias, lengths = step

@@ -93,7 +93,8 @@ def bias_attention_(query: torch.Tensor, output: torch.Tensor, kv_cache: torch.T
     num_heads, head_dim = query.shape[1], query.shape[2]
     _, kv_heads, page, two_d = kv_cache.shape
     if two_d != 2 * head_dim or num_heads % kv_heads:
-        raise ValueError(f"bias_attention_: query [.., {num_heads}, {head_dim}] does not fit cache {tuple(kv_cache.shape)}")
+        raise ValueError(f"bias_attention_: query [.., {num_heads}, {head_dim}] does not fit cache "
+                         f"{tuple(kv_cache.shape)}")
     if bias.dtype != torch.float32 or bias.stride(-1) != 1:
         raise ValueError("bias_attention_: bias must be float32 with contiguous rows")
     _kernel()[(items,)](
