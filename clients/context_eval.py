@@ -264,7 +264,7 @@ def markdown_table(rows: list[dict], n: dict) -> str:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-    p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16, as served)")
+    p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16: the speed of `serve --dtype bfloat16`)")
     p.add_argument("--n", type=int, default=150, help="questions per data set (default 150)")
     p.add_argument("--datasets", default="squad,squad-cf,drop", type=lambda s: s.split(","),
                    help="comma list of squad, squad-cf, drop (default all three)")
@@ -279,7 +279,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
-    p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16, as served)")
+    p.add_argument("--dtype", default="bfloat16", help="engine dtype (default bfloat16: the speed of `serve --dtype bfloat16`)")
     p.add_argument("--n", type=int, default=32, help="profiling questions (counterfactual SQuAD, default 32)")
     p.add_argument("--alpha", type=float, default=0.3, help="alpha each candidate is steered with (default 0.3)")
     p.add_argument("--layers-top", type=int, default=6,
