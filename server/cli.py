@@ -38,8 +38,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-routes", default=None, metavar="LIST",
                    help="with an API key, the routes that stay open besides /health and /ping: a comma-separated "
                         "subset of metrics,playground,docs (docs: /docs, the API reference, and /openapi.json), "
-                        "or none "
-                        "(default: metrics,playground; see docs/reliability.md, Authentication)")
+                        "or none (default: metrics,playground; see docs/reliability.md, Authentication)")
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
                    help="KV cache size in GiB (default 2); 0 leaves it to vLLM's memory fraction, e.g. on a GPU "
                         "--kv-cache-gb 0 --vllm-arg=--gpu-memory-utilization=0.9")

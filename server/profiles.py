@@ -131,7 +131,8 @@ def load_config(path: str | Path | None, info: ModelInfo | None,
 MODEL_SEPARATOR = "@"
 
 
-def split_model_name(model: object, config: ServerConfig, served: Callable[[str], bool]) -> tuple[str, str, str] | None:
+def split_model_name(model: object, config: ServerConfig,
+                     served: Callable[[str], bool]) -> tuple[str, str, str] | None:
     """`MODEL@NAME` -> (MODEL, "profile" or "experiment", NAME) when NAME is a profile or an
     experiment of `config`; None for a name without the separator, or whose MODEL part is not a
     model this server serves (`served`; vLLM then answers as for any unknown model). Raises

@@ -15,7 +15,8 @@ stays torch-free. Per model instance one `StepHandle` holds the engines and the 
 3. The steerable model calls the hooks of the engines with work in the step: `ffn_` (the FFN
    coefficients, the input of `down_proj`, per layer), `residual_` (the residual stream after
    each decoder layer), `attention_` (after the attention kernel, per layer), `after_forward`
-   (once, with the forward's output), `replace_logits` / `edit_logits` (`compute_logits`). A step without steered rows is None: the plain path, no steering work.
+   (once, with the forward's output), `replace_logits` / `edit_logits` (`compute_logits`). A step
+   without steered rows is None: the plain path, no steering work.
 
 4. Graph mode (engine setting `graph_safe_steps`): engines with a graph-safe form (`make_buffers`)
    keep persistent fixed-capacity buffers; `begin` fills them in place every step (clears them

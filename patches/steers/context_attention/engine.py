@@ -33,6 +33,19 @@ from .kv import CpuPagedKV, FlashPagedKV, Gathered, PagedKV
 KERNEL_SETTING = "context_attention_kernel"
 KERNEL_CHOICES = ("auto", "torch")
 
+
+def checked_kernel(kernel: str) -> str:
+    """`kernel` when it is one of KERNEL_CHOICES; else ValueError naming the setting."""
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"steerserve: engine setting {KERNEL_SETTING} must be one of "
+                         f"{', '.join(KERNEL_CHOICES)}; got {kernel!r}")
+    return kernel
+
+
+def kernel_setting(settings: dict) -> str:
+    """The engine setting `context_attention_kernel` (default "auto"), checked."""
+    return checked_kernel(settings.get(KERNEL_SETTING) or "auto")
+
 # queries x keys elements of one float32 score matrix per head in a prefill chunk (bounds memory)
 PREFILL_CHUNK_ELEMENTS = 1 << 20
 # queries per prefill chunk at most: each chunk reads keys only up to its last query, so smaller
@@ -114,8 +127,7 @@ class AttentionWork:
     def build(cls, entries: list[tuple[ContextAttentionPlan, RequestRows]], device,
               kernel: str = "auto") -> AttentionWork | None:
         """entries: (plan, rows) per steered request."""
-        if kernel not in KERNEL_CHOICES:
-            raise ValueError(f"{KERNEL_SETTING} must be one of {', '.join(KERNEL_CHOICES)}; got {kernel!r}")
+        checked_kernel(kernel)
         reqs = [_Request(r.index, r.start, r.end, plan, dict(plan.heads)) for plan, r in entries if r.end > r.start]
         if not reqs:
             return None
@@ -159,10 +171,11 @@ class AttentionWork:
             (decode if r.end - r.start == 1 else prefill).append((i, local))
         bs = reader.block_size
         if self._use_triton(kv_cache, reader):
-            self._triton_(decode + prefill, query, output, kv_cache, seq_lens, block_table, scale)
+            self._triton_(decode + prefill, query, output, kv_cache, seq_lens, block_table, scale, bs)
             return
-        if decode and self._cpu_kernel(kv_cache, reader) is not None:
-            self._decode_kernel_(decode, query, output, kv_cache, reader, seq_lens, block_table, scale, bs)
+        op = self._cpu_kernel(kv_cache, reader) if decode else None
+        if op is not None:
+            self._decode_kernel_(op, decode, query, output, kv_cache, reader, seq_lens, block_table, scale, bs)
             decode = []
         if decode:
             # by length, so padding is small, and in chunks that bound the gathered K/V
@@ -192,24 +205,33 @@ class AttentionWork:
 
         return triton_available()
 
-    def _triton_(self, items, query, output, kv_cache, seq_lens, block_table, scale):
+    def _step_rows(self, indices: tuple[int, ...], seq_lens: list[int], block_table: torch.Tensor, bs: int):
+        """For these requests, once per step (shared by every layer they steer): their key counts,
+        their pages ([R, pages] int64) and their bias rows ([R, longest] float32 on the CPU; 0 past a
+        row's length)."""
+        key = ("rows", indices)
+        if key not in self._kernel_inputs:
+            reqs = [self.requests[i] for i in indices]
+            lengths = [seq_lens[r.batch_index] for r in reqs]
+            longest = max(lengths)
+            batch_idx = torch.tensor([r.batch_index for r in reqs], device=block_table.device)
+            block_ids = block_table.index_select(0, batch_idx)[:, : -(-longest // bs)].long().contiguous()
+            bias = torch.zeros(len(reqs), longest, dtype=torch.float32)
+            for row, (r, length) in enumerate(zip(reqs, lengths)):
+                bias[row, :length] = key_bias(r.plan, length)
+            self._kernel_inputs[key] = (lengths, block_ids, bias)
+        return self._kernel_inputs[key]
+
+    def _triton_(self, items, query, output, kv_cache, seq_lens, block_table, scale, bs):
         """Every steered row of this layer (decode and prefill alike: a prefill row at position p
         is a query over keys 0..p) in one Triton launch over the paged cache in place."""
         from .triton_kernel import bias_attention_
 
         device = query.device
-        step = self._kernel_inputs.get("triton")
-        if step is None:  # all steered requests' pages and biases, once per step
-            lengths = [seq_lens[r.batch_index] for r in self.requests]
-            longest = max(lengths)
-            batch_idx = torch.tensor([r.batch_index for r in self.requests], device=block_table.device)
-            block_ids = block_table.index_select(0, batch_idx).contiguous()
-            bias = torch.zeros(len(self.requests), longest, dtype=torch.float32)
-            for i, length in enumerate(lengths):
-                bias[i, :length] = key_bias(self.requests[i].plan, length)
-            step = (block_ids, bias.to(device, non_blocking=True), lengths)
-            self._kernel_inputs["triton"] = step
-        block_ids, bias, lengths = step
+        lengths, block_ids, bias = self._step_rows(tuple(range(len(self.requests))), seq_lens, block_table, bs)
+        if "triton bias" not in self._kernel_inputs:  # on the device, once per step
+            self._kernel_inputs["triton bias"] = bias.to(device, non_blocking=True)
+        bias = self._kernel_inputs["triton bias"]
         key = ("triton", tuple((i, tuple(local)) for i, local in items))
         work = self._kernel_inputs.get(key)
         if work is None:  # (request, row, keys, head) per steered query row and head
@@ -228,36 +250,29 @@ class AttentionWork:
             self._kernel_inputs[key] = work
         bias_attention_(query, output, kv_cache, block_ids, bias, *work, scale)
 
-    def _decode_kernel_(self, items, query, output, kv_cache, reader, seq_lens, block_table, scale, bs):
-        """All single-token rows of this layer through the CPU kernel: the paged cache is read in
-        place; only the steered (row, head) outputs are written."""
-        key = tuple(i for i, _ in items)
-        inputs = self._kernel_inputs.get(key)
-        if inputs is None:  # the same for every layer these requests steer: built once per step
-            reqs = [self.requests[i] for i in key]
-            lengths = [seq_lens[r.batch_index] for r in reqs]
-            longest = max(lengths)
-            batch_idx = torch.tensor([r.batch_index for r in reqs], device=block_table.device)
-            block_ids = block_table.index_select(0, batch_idx)[:, : -(-longest // bs)].long().contiguous()
-            bias = torch.zeros(len(reqs), longest, dtype=torch.float32)
-            for row, (i, length) in enumerate(zip(key, lengths)):
-                bias[row, :length] = self.bias(i, length)
-            inputs = (block_ids, torch.tensor(lengths, dtype=torch.long),
-                      torch.tensor([r.start for r in reqs], dtype=torch.long), bias)
-            self._kernel_inputs[key] = inputs
-        block_ids, lengths, rows, bias = inputs
+    def _decode_kernel_(self, op, items, query, output, kv_cache, reader, seq_lens, block_table, scale, bs):
+        """All single-token rows of this layer through the CPU kernel `op`: the paged cache is read
+        in place; only the steered (row, head) outputs are written."""
+        indices = tuple(i for i, _ in items)
+        lengths, block_ids, bias = self._step_rows(indices, seq_lens, block_table, bs)
+        if ("cpu", indices) not in self._kernel_inputs:
+            self._kernel_inputs[("cpu", indices)] = (
+                torch.tensor(lengths, dtype=torch.long),
+                torch.tensor([self.requests[i].start for i in indices], dtype=torch.long))
+        lengths_t, rows = self._kernel_inputs[("cpu", indices)]
         heads = tuple(tuple(local) for _, local in items)
-        mask = self._kernel_inputs.get((key, heads))
+        mask = self._kernel_inputs.get(("mask", indices, heads))
         if mask is None:  # the steered heads per row: usually the same on every layer of the step
             num_heads = query.shape[1]
-            mask = torch.tensor([[h in set(local) for h in range(num_heads)] for local in heads], dtype=torch.bool)
-            self._kernel_inputs[(key, heads)] = mask
+            mask = torch.tensor([[h in steered for h in range(num_heads)] for steered in map(set, heads)],
+                                dtype=torch.bool)
+            self._kernel_inputs[("mask", indices, heads)] = mask
         empty = torch.empty(0, dtype=torch.long)
         codes = native.LAYOUT_CODES
-        native.cpu_kernel()(query, output, kv_cache, block_ids, lengths, rows, mask, bias, float(scale),
-                            codes[reader.kind_k], codes[reader.kind_v],
-                            reader.perm_k if reader.kind_k == "permuted" else empty,
-                            reader.perm_v if reader.kind_v == "permuted" else empty)
+        op(query, output, kv_cache, block_ids, lengths_t, rows, mask, bias, float(scale),
+           codes[reader.kind_k], codes[reader.kind_v],
+           reader.perm_k if reader.kind_k == "permuted" else empty,
+           reader.perm_v if reader.kind_v == "permuted" else empty)
 
     @staticmethod
     def _head_plan(locals_: list[list[int]], num_heads: int, num_kv_heads: int, device):
@@ -345,10 +360,7 @@ class ContextAttentionEngine(SteerEngine):
     settings_keys = (KERNEL_SETTING,)
 
     def install(self, model: torch.nn.Module, handle: StepHandle) -> None:
-        kernel = handle.settings.get(KERNEL_SETTING) or "auto"
-        if kernel not in KERNEL_CHOICES:
-            raise ValueError(f"steerserve: engine setting {KERNEL_SETTING} must be one of "
-                             f"{', '.join(KERNEL_CHOICES)}; got {kernel!r}")
+        kernel = kernel_setting(handle.settings)
         param = next(model.parameters(), None)
         if kernel == "auto" and (param is None or param.device.type == "cpu"):
             native.cpu_kernel()  # load (or build) it at start-up, not inside the first steered step
@@ -367,8 +379,7 @@ class ContextAttentionEngine(SteerEngine):
                                  plan.prompt_len, prompt_len)
                 continue
             kept.append((plan, rows))
-        kernel = handle.settings.get(KERNEL_SETTING) or "auto"
-        return AttentionWork.build(kept, shape.device, kernel) if kept else None
+        return AttentionWork.build(kept, shape.device, kernel_setting(handle.settings)) if kept else None
 
     def attention_(self, state: AttentionWork, call: AttentionCall) -> None:
         if call.layer not in state.layers:

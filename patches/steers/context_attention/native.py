@@ -10,6 +10,7 @@ results more slowly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
 def build_key() -> str:
     """What the build depends on: the source, torch's version, the CPU's flags (-march=native)."""
     h = hashlib.sha256(SOURCE.read_bytes())
@@ -47,8 +49,14 @@ def build_key() -> str:
 
 
 def build_dir() -> Path:
+    # $STEERSERVE_HOME as server/model_store.py's cache_root() reads it (patches/ imports nothing from server/)
     home = Path(os.environ.get("STEERSERVE_HOME") or Path.home() / ".cache" / "steerserve").expanduser()
     return home / "kernels" / f"context-attention-{build_key()}"
+
+
+def _name() -> str:
+    """The extension's name, also its library's file name (`<name>.so` in `build_dir()`)."""
+    return f"steerserve_ctx_{build_key()}"
 
 
 def build(verbose: bool = False) -> Path:
@@ -58,7 +66,7 @@ def build(verbose: bool = False) -> Path:
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    name = f"steerserve_ctx_{build_key()}"
+    name = _name()
     try:
         cpp_extension.load(
             name=name, sources=[str(SOURCE)], build_directory=str(out), is_python_module=False,
@@ -77,7 +85,7 @@ def cpu_kernel() -> Callable | None:
     key = "cpu"
     if key not in _loaded:
         try:
-            library = build_dir() / f"steerserve_ctx_{build_key()}.so"
+            library = build_dir() / f"{_name()}.so"
             if library.exists():
                 torch.ops.load_library(str(library))
             else:

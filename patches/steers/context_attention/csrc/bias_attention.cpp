@@ -76,32 +76,23 @@ void unpack(const T* src, float* dst, int64_t bs, int64_t d, int64_t layout, con
     return;
   }
   switch (layout) {
-    case IDENTITY:
+    case IDENTITY:    // [bs][D], wanted as [D][bs]
+    case TRANSPOSED:  // [D][bs], wanted as [bs][D]
       for (int64_t t = 0; t < bs; ++t)
-        for (int64_t c = 0; c < d; ++c) dst[c * bs + t] = to_f(src[t * d + c]);
+        for (int64_t c = 0; c < d; ++c) dst[at(t, c)] = to_f(src[layout == IDENTITY ? t * d + c : c * bs + t]);
       break;
-    case TRANSPOSED:
-      for (int64_t t = 0; t < bs; ++t)
-        for (int64_t c = 0; c < d; ++c) dst[t * d + c] = to_f(src[c * bs + t]);
-      break;
-    case AMX_K: {  // [bs/16][D/2][16][2]
+    case AMX_K:    // [bs/16][D/2][16][2]: token tile, dim pair, token, pair member
+    case AMX_V: {  // [D/16][bs/2][16][2]: the same walk with the roles of token and dim swapped
+      const bool v = layout == AMX_V;
+      const int64_t tiles = (v ? d : bs) / 16, pairs = (v ? bs : d) / 2;
       const T* p = src;
-      for (int64_t tile = 0; tile < bs / 16; ++tile)
-        for (int64_t pair = 0; pair < d / 2; ++pair)
-          for (int64_t j = 0; j < 16; ++j, p += 2) {
-            dst[at(tile * 16 + j, pair * 2)] = to_f(p[0]);
-            dst[at(tile * 16 + j, pair * 2 + 1)] = to_f(p[1]);
-          }
-      break;
-    }
-    case AMX_V: {  // [D/16][bs/2][16][2]
-      const T* p = src;
-      for (int64_t tile = 0; tile < d / 16; ++tile)
-        for (int64_t pair = 0; pair < bs / 2; ++pair)
-          for (int64_t j = 0; j < 16; ++j, p += 2) {
-            dst[at(pair * 2, tile * 16 + j)] = to_f(p[0]);
-            dst[at(pair * 2 + 1, tile * 16 + j)] = to_f(p[1]);
-          }
+      for (int64_t tile = 0; tile < tiles; ++tile)
+        for (int64_t pair = 0; pair < pairs; ++pair)
+          for (int64_t j = 0; j < 16; ++j, p += 2)
+            for (int64_t e = 0; e < 2; ++e) {
+              const int64_t along = tile * 16 + j, paired = pair * 2 + e;
+              dst[v ? at(paired, along) : at(along, paired)] = to_f(p[e]);
+            }
       break;
     }
     default:
