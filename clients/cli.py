@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         "eval-proxy", help="base vs expert vs proxy-tuned base vs tuned base on an offline task; gap closed"))
 
     sub.add_parser("prepare-model", help="convert the embedded model once (done by serve when needed)")
-    sub.add_parser("build-kernels", help="compile the CPU kernel of context-attention steering for this machine "
-                                         "(g++; done by ./run.sh setup; without it the slower torch pass runs)")
+    sub.add_parser("build-kernels", help="compile the steers' native kernels for this machine (today the CPU kernel "
+                                         "of context attention; g++; done by ./run.sh setup; without it the "
+                                         "slower torch pass runs)")
 
     from steerserve.clients.loadtest import add_loadtest_args
 
@@ -147,10 +148,12 @@ def main(argv: list[str] | None = None) -> None:
 
         print(ensure_embedded_model())
     elif args.command == "build-kernels":
-        from steerserve.patches.steers.context_attention import native
+        from steerserve.patches.steers.engine import StepHandle
 
         try:
-            print(native.build())
+            for engine in StepHandle.for_registry().engines:
+                for library in engine.build_kernels():
+                    print(library)
         except RuntimeError as err:
             raise SystemExit(f"steerserve build-kernels: {err}") from None
     elif args.command == "loadtest":

@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
@@ -99,6 +100,11 @@ class SteerEngine:
 
     def install(self, model: torch.nn.Module, handle: StepHandle) -> None:
         """After vLLM built `model` (before weights load). Idempotent."""
+
+    def build_kernels(self) -> list[Path]:
+        """Compile this engine's native kernels for this machine (`steerserve build-kernels`, run by
+        set-up); returns the built libraries. Raises RuntimeError saying why one cannot be built."""
+        return []
 
     def load_weights(self, model: torch.nn.Module, handle: StepHandle, load: Callable) -> set[str]:
         """After the base weights loaded; `load` is the base class's `load_weights`. Returns the

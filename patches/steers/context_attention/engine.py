@@ -359,6 +359,9 @@ class ContextAttentionEngine(SteerEngine):
     name = "context_attention"
     settings_keys = (KERNEL_SETTING,)
 
+    def build_kernels(self):
+        return [native.build()]
+
     def install(self, model: torch.nn.Module, handle: StepHandle) -> None:
         kernel = kernel_setting(handle.settings)
         param = next(model.parameters(), None)
