@@ -209,8 +209,7 @@ def take_plan(request, raw_request: Request, field_prefix: str = "",
     fam = family.current()
     requested = getattr(request, "model", None)
     try:
-        named = split_model_name(requested, raw_request.app.state.steerserve_config,
-                                 lambda m: m == fam.base_name or fam.variant_for_model(m)[0] is not None)
+        named = split_model_name(requested, raw_request.app.state.steerserve_config, fam.serves)
         if STEER_FIELD not in extra and named is None and not fam.needs_plan(requested):
             return None, None
         unit = getattr(request, "user", None) or raw_request.headers.get(UNIT_HEADER)
@@ -304,6 +303,24 @@ async def _steered(endpoint: str, stock_handler, request, raw_request: Request):
     return metrics.track_experiment(response, experiment, started)
 
 
+async def _unsteered(stock_handler, request, raw_request: Request):
+    """vLLM's handler for a route that does not steer (tokenization), with `MODEL@NAME` read as
+    MODEL (and a fully fine-tuned variant's name as the base: they share the tokenizer), so
+    harnesses can tokenize under the model name they evaluate. A served MODEL with an unknown NAME
+    is a 400 naming `model`."""
+    try:
+        named = split_model_name(getattr(request, "model", None), raw_request.app.state.steerserve_config,
+                                 family.current().serves)
+    except SteerError as err:
+        return bad_request(err.field, f"invalid model: {err.message}")
+    if named is not None:
+        request.model = named[0]
+    fam = family.current()
+    if fam.needs_plan(request.model):  # a fully fine-tuned variant shares the base's tokenizer
+        request.model = fam.base_name
+    return await stock_handler(request, raw_request)
+
+
 router = APIRouter()
 
 
@@ -325,6 +342,21 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 )
 async def create_completion(request: CompletionRequest, raw_request: Request):
     return await _steered("completions", _vllm.stock_completion_handler, request, raw_request)
+
+
+_TOKENIZE_RESPONSES = {code: body for code, body in _RESPONSES.items() if code != HTTPStatus.OK.value}
+
+
+@router.post("/tokenize", dependencies=[Depends(_vllm.validate_json_request)], responses=_TOKENIZE_RESPONSES)
+async def tokenize(request: _vllm.TokenizeRequest, raw_request: Request):
+    """vLLM's /tokenize; `model` may name a profile or experiment (`MODEL@NAME`)."""
+    return await _unsteered(_vllm.stock_tokenize_handler, request, raw_request)
+
+
+@router.post("/detokenize", dependencies=[Depends(_vllm.validate_json_request)], responses=_TOKENIZE_RESPONSES)
+async def detokenize(request: _vllm.DetokenizeRequest, raw_request: Request):
+    """vLLM's /detokenize; `model` may name a profile or experiment (`MODEL@NAME`)."""
+    return await _unsteered(_vllm.stock_detokenize_handler, request, raw_request)
 
 
 @router.get("/v1/models")

@@ -177,6 +177,9 @@ def vllm_argv(args: argparse.Namespace, model: Path) -> list[str]:
     # /docs with vLLM's vendored Swagger UI assets (FastAPI's default page loads them from a CDN,
     # blank offline); /redoc has no offline form and is off
     argv.append("--enable-offline-docs")
+    # GET /tokenizer_info (behind the key like every route): with /tokenize, how harnesses such as
+    # lm-evaluation-harness detect server-side tokenization (else they load a tokenizer by model name)
+    argv.append("--enable-tokenizer-info-endpoint")
     if args.tool_call_parser:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", args.tool_call_parser]
     return argv + list(args.vllm_arg)

@@ -108,6 +108,10 @@ class Family:
                     return v, label
         return None, None
 
+    def serves(self, model: str) -> bool:
+        """Whether `model` is the base's served name or one of its variants' names."""
+        return model == self.base_name or self.variant_for_model(model)[0] is not None
+
     def needs_plan(self, model: str | None) -> bool:
         """Whether a request for `model` needs steerserve's handling even without `steer`
         (a fully fine-tuned variant or its alias: vLLM itself does not know these names)."""

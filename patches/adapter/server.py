@@ -50,6 +50,8 @@ def http_surface():
     from vllm.entrypoints.openai.completion import api_router as completion_router
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.tokenize import api_router as tokenize_router
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
     from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
     return SimpleNamespace(
@@ -65,6 +67,12 @@ def http_surface():
         # request's receive channel, which only one caller may do)
         serving_chat=chat_router.chat,
         ChatCompletionResponse=chat_router.ChatCompletionResponse,
+        # /tokenize and /detokenize (harnesses tokenize through the server under the model name
+        # they evaluate, MODEL@PROFILE included)
+        TokenizeRequest=TokenizeRequest,
+        DetokenizeRequest=DetokenizeRequest,
+        stock_tokenize_handler=tokenize_router.tokenize,
+        stock_detokenize_handler=tokenize_router.detokenize,
     )
 
 

@@ -153,9 +153,12 @@ def test_mlp_layout_and_layer_index():
 
 def test_http_surface():
     s = adapter_server.http_surface()
-    for handler in (s.stock_chat_handler, s.stock_completion_handler):
+    for handler in (s.stock_chat_handler, s.stock_completion_handler, s.stock_tokenize_handler,
+                    s.stock_detokenize_handler):
         assert inspect.iscoroutinefunction(handler)
         assert list(inspect.signature(handler).parameters) == ["request", "raw_request"]
+    for model in (*s.TokenizeRequest.__args__, s.DetokenizeRequest):  # the model name, renamed as for generation
+        assert "model" in model.model_fields
     for model in (s.ChatCompletionRequest, s.CompletionRequest):
         assert {"vllm_xargs", "cache_salt"} <= set(model.model_fields)
         assert model.model_config.get("extra") == "allow"  # `steer` arrives in model_extra

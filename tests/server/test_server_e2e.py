@@ -327,6 +327,20 @@ def test_profiles_and_experiments_as_model_names(server, client):
             assert "profiles: focus, gloomy, middle-lift, strong; experiments: tone" in info.value.message
     with pytest.raises(openai.NotFoundError):  # a profile after a model this server does not serve
         client.chat.completions.create(model="other@strong", messages=QUESTION, max_tokens=4)
+    # tokenization takes the same names (harnesses tokenize under the model they evaluate)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    ids = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": "Hello world"},
+                     headers=auth).json()["tokens"]
+    for model in (f"{MODEL}@strong", f"{MODEL}@tone"):
+        assert httpx.post(f"{server}/tokenize", json={"model": model, "prompt": "Hello world"},
+                          headers=auth).json()["tokens"] == ids
+        assert httpx.post(f"{server}/detokenize", json={"model": model, "tokens": ids},
+                          headers=auth).json()["prompt"] == "Hello world"
+    bad = httpx.post(f"{server}/tokenize", json={"model": f"{MODEL}@nope", "prompt": "x"}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+    unknown = httpx.post(f"{server}/tokenize", json={"model": "other@strong", "prompt": "x"}, headers=auth)
+    assert unknown.status_code == 404
+    assert httpx.get(f"{server}/tokenizer_info", headers=auth).json()["eos_token"] == "<|im_end|>"
 
 
 def test_ab_compare_side_by_side(server, client):
@@ -731,8 +745,8 @@ def test_clients_doc_recipes_run_as_written(server, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml_block)
     assert "gentle" in load_config(tmp_path / "c.yaml", None).profiles
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 4
-    env = {**os.environ, "STEERSERVE_API_KEY": API_KEY}
+    assert len(blocks) == 5
+    env = {**os.environ, "STEERSERVE_API_KEY": API_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     outputs = []
     for block in blocks:
         out = subprocess.run([sys.executable, "-c", adapt(block)], capture_output=True, text=True, timeout=300,
@@ -743,10 +757,48 @@ def test_clients_doc_recipes_run_as_written(server, tmp_path):
     assert f"{MODEL}@strong strong" in outputs[1] and outputs[1].strip().endswith("2.0")
     assert "strong " in outputs[2].strip().splitlines()[-1]
     assert "infosteer" in outputs[3] and re.search(r"^[0-9a-f]{16}$", outputs[3], re.M)
-    (curl,) = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = outputs[4].strip().splitlines()  # LiteLLM: the body's echo and the prefixed headers
+    assert lines[-2] == "strong infosteer" and re.fullmatch(r"[0-9a-f]{16}", lines[-1]), outputs[4]
+    (curl,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if b.startswith("curl")]
     out = subprocess.run(["bash", "-c", adapt(curl)], capture_output=True, text=True, timeout=300, env=env)
     head, _, body = out.stdout.partition("\n\n")  # text mode: curl's CRLFs read as newlines
     assert "x-steer-echo:" in head.lower() and json.loads(body)["steer"]["profile"] == "strong", out.stdout[:800]
+
+
+def test_lm_eval_recipe_steers_loglikelihood_and_generation(server, tmp_path):
+    """docs/clients.md's lm-evaluation-harness commands, run as written against this server (its
+    shipped offline tasks; profile `gentle` -> `strong`): both finish with their metric, tokenizing
+    through the server under the MODEL@PROFILE name; then the multiple-choice task once more under
+    the plain model name: every log-likelihood differs, so the model name steered the harness's
+    `echo` + `logprobs` requests."""
+    import glob
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "clients.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "lm_eval" in b]
+    block = (block.replace("http://127.0.0.1:8000", server).replace("SmolLM2-135M-Instruct", MODEL)
+             .replace("gentle", "strong").replace("clients/data/lm-eval", str(root / "clients" / "data" / "lm-eval")))
+    lm_eval = str(Path(sys.executable).parent / "lm_eval")
+    env = {**os.environ, "STEERSERVE_API_KEY": API_KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(lm_eval).parent}:{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", "-ec", block], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert re.search(r"\|first_questions_mc\s*\|.*\|acc\s*\|", out.stdout), out.stdout[-2000:]
+    assert re.search(r"\|first_questions_gen\s*\|.*\|answered\|", out.stdout), out.stdout[-2000:]
+    plain = block.split("\n# generation")[0].replace(f"model={MODEL}@strong", f"model={MODEL}").replace(
+        "lm-eval-out", "lm-eval-plain")
+    out = subprocess.run(["bash", "-ec", plain], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+    def loglikelihoods(folder: str) -> dict:
+        (path,) = glob.glob(str(tmp_path / folder / "*" / "samples_first_questions_mc_*.jsonl"))
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        return {(r["doc"]["id"], i): float(resp[0][0]) for r in rows for i, resp in enumerate(r["resps"])}
+
+    steered, unsteered = loglikelihoods("lm-eval-out"), loglikelihoods("lm-eval-plain")
+    assert steered.keys() == unsteered.keys() and len(steered) == 40
+    assert all(abs(steered[k] - unsteered[k]) > 1e-3 for k in steered), (steered, unsteered)
 
 
 def test_steering_doc_shell_examples_run_as_written(server):
