@@ -7,7 +7,8 @@ configuration at a time (as hook-based steering libraries and PASTA's own code d
 distinct configuration as its own batch. Prints tokens/s and the ratios, writes JSON.
 
 `--steer infosteer` (default): all layers, scale; the mix is half and half.
-`--steer mixing`: TAIA mixing with a fully fine-tuned variant (see `bench_mixing`).
+`--steer mixing`: TAIA mixing with a fully fine-tuned variant (see `bench_mixing`); `--steer mixing-bits`:
+whether unmixed rows of a mixed batch keep their bits (`bench_mixing.run_mixing_bits`).
 `--steer proxy`: proxy tuning with an expert / anti-expert pair (see `bench_proxy`).
 `--steer vectors`: residual steering vectors, shared and K distinct configurations, vs repeng's
 hooks (see `bench_vectors`).
@@ -24,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .bench_engine import TOPICS, _log, _prompts, interleaved_rounds, timed_generate
+from .bench_engine import TOPICS, _log, _prompts, decode_step_extra, interleaved_rounds, timed_generate
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -41,10 +42,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of engine workloads (default 3); speeds are medians, engine ratios are medians "
                         "of per-round ratios")
-    p.add_argument("--steer", choices=["infosteer", "context", "context-kernel", "mixing", "proxy", "vectors"],
+    p.add_argument("--steer", choices=["infosteer", "context", "context-kernel", "mixing", "mixing-bits", "proxy",
+                                       "vectors"],
                    default="infosteer",
                    help="which steer to measure (default infosteer); mixing: TAIA with a fully fine-tuned variant "
-                        "(clients/bench_mixing.py); proxy: proxy tuning (clients/bench_proxy.py); vectors: residual "
+                        "(clients/bench_mixing.py); mixing-bits: whether unmixed rows of a mixed batch keep their "
+                        "bits, against vLLM's own batch-composition differences; proxy: proxy tuning (clients/bench_proxy.py); vectors: residual "
                         "steering vectors (clients/bench_vectors.py); context-kernel: the context-attention pass "
                         "alone, CPU kernel vs torch pass, on synthetic paged tensors (clients/bench_context_kernel.py)")
     p.add_argument("--vector", default=None, metavar="FILE",
@@ -90,6 +93,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         from .bench_mixing import run_mixing_bench
 
         return run_mixing_bench(args)
+    if args.steer == "mixing-bits":
+        from .bench_mixing import run_mixing_bits
+
+        return run_mixing_bits(args)
     if args.steer == "vectors":
         from .bench_vectors import run_vectors_bench
 
@@ -225,10 +232,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     }
     if context:
         def step_extra(name: str) -> float:
-            """Per round: median over all rows of the decode time (every row waits for every step)
-            in `name` / in all-plain, minus 1: the extra time per decode step."""
-            return statistics.median(statistics.median(m / p for m, p in zip(mixed_t, plain_t))
-                                     for plain_t, mixed_t in zip(decode_times["plain"], decode_times[name])) - 1
+            return decode_step_extra(decode_times, name)
 
         ratios["decode_step_extra_one_steered_row"] = step_extra("one_steered")
         ratios["decode_step_extra_quarter_steered_rows"] = step_extra(mixed_name)

@@ -81,6 +81,23 @@ def timed_generate(llm, prompts: list[list[int]], plans: list, max_tokens: int, 
     return dt
 
 
+def steerable_llm(path: Path, dtype: str, max_num_seqs: int, settings: dict | None = None, compile_: bool = False,
+                  tokenizer: Path | None = None):
+    """The benchmarks' steerable engine on `path` (`settings`: full variants, proxy pairs; what
+    `steerserve serve` passes as `--additional-config`)."""
+    from vllm import LLM
+
+    from steerserve.patches import STEERABLE_ARCHITECTURES
+    from steerserve.patches.steers.base import SETTINGS_KEY
+
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
+    return LLM(model=str(path), tokenizer=str(tokenizer or path), dtype=dtype, enforce_eager=not compile_,
+               max_model_len=1024, kv_cache_memory_bytes=2 << 30, max_num_seqs=max(max_num_seqs, 8), seed=0,
+               disable_log_stats=False,  # per-request timestamps for the per-row ratios
+               hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
+               additional_config={SETTINGS_KEY: settings} if settings else {})
+
+
 def measure_engine(path: Path, prompts: list[list[int]], max_tokens: int, workloads: dict, label: str,
                    repeats: int, dtype: str, compile_: bool = False, tokenizer: Path | None = None,
                    settings: dict | None = None):
@@ -88,19 +105,10 @@ def measure_engine(path: Path, prompts: list[list[int]], max_tokens: int, worklo
     shut down after. `settings`: the engine settings (full variants, proxy pairs; what `steerserve
     serve` passes as `--additional-config`). Returns (wall times per workload, per-request decode
     times per workload)."""
-    from vllm import LLM
-
-    from steerserve.patches import STEERABLE_ARCHITECTURES
     from steerserve.patches.adapter.runner import shutdown_engine
-    from steerserve.patches.steers.base import SETTINGS_KEY
 
-    arch = json.loads((path / "config.json").read_text())["architectures"][0]
     n = len(prompts)
-    llm = LLM(model=str(path), tokenizer=str(tokenizer or path), dtype=dtype, enforce_eager=not compile_,
-              max_model_len=1024, kv_cache_memory_bytes=2 << 30, max_num_seqs=max(n, 8), seed=0,
-              disable_log_stats=False,  # per-request timestamps for the per-row ratios
-              hf_overrides={"architectures": [STEERABLE_ARCHITECTURES[arch]]},
-              additional_config={SETTINGS_KEY: settings} if settings else {})
+    llm = steerable_llm(path, dtype, n, settings, compile_, tokenizer)
     decode: dict[str, list[list[float]]] = {}
 
     def run(plans, name):
@@ -110,6 +118,19 @@ def measure_engine(path: Path, prompts: list[list[int]], max_tokens: int, worklo
     times = interleaved_rounds(workloads, repeats, run, n * max_tokens, label)
     shutdown_engine(llm)
     return times, decode
+
+
+def decode_step_extra(decode: dict, name: str, plain: str = "plain") -> float:
+    """Per round: the median over all rows of a row's decode time in workload `name` / in `plain`
+    (every row waits for every step of its batch), minus 1; the median over rounds. The extra time
+    per decode step that `name`'s steered rows cost the whole batch."""
+    return statistics.median(statistics.median(m / p for m, p in zip(steered, base))
+                             for base, steered in zip(decode[plain], decode[name])) - 1
+
+
+def median_decode(decode: dict, name: str) -> float:
+    """The median over rounds and requests of a request's decode time in workload `name`."""
+    return statistics.median(t for round_ in decode[name] for t in round_)
 
 
 def paired_ratio(times: dict, a: str, b: str) -> float:

@@ -179,22 +179,39 @@ def lm_head_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.lm_head
 
 
-def whole_logits(model: torch.nn.Module, hidden_states: torch.Tensor, route: Any) -> torch.Tensor | None:
-    """Logits from the variant's LM head alone when one variant's attention component owns every
-    request of the step (`route`: its `LogitsRoute`) and these are the sampled rows (else None:
-    compute as usual, then route)."""
+def segmented_logits(model: torch.nn.Module, hidden_states: torch.Tensor, route: Any) -> torch.Tensor | None:
+    """The logits of `hidden_states` with each row computed once, by its own LM head: the variant's
+    for the rows of requests whose attention component (which holds the LM head) is tuned, the
+    base's for the rest (`route`: the step's `LogitsRoute`). None when the head is not routed, no
+    row is routed to a variant with a head of its own, or the rows match neither the step's
+    requests nor its hidden states (then compute as usual and `route_logits_`, which logs it)."""
     head = lm_head_module(model)
     if route is None or not getattr(head, "steer_routed", False):
         return None
-    variant = route.mix.whole.get("attention")
-    if variant is None or hidden_states.shape[0] != route.mix.num_reqs:
+    rows = route.rows_for(hidden_states)
+    if not rows:
         return None
-    if set(route.mix.request_rows.get(variant, ())) != set(range(route.mix.num_reqs)):
+    groups = [(shadow_for(head, variant), idx) for variant, idx in rows.items() if idx.numel()]
+    groups = [(shadow, idx) for shadow, idx in groups if shadow is not None]
+    if not groups:
         return None
-    if hidden_states.untyped_storage().data_ptr() == route.hidden.untyped_storage().data_ptr():
-        return None  # a slice of the step's hidden states (prompt logprobs): routed per row instead
-    shadow = shadow_for(head, variant)
-    return model.logits_processor(shadow, hidden_states) if shadow is not None else None
+    n = hidden_states.shape[0]
+    base = torch.ones(n, dtype=torch.bool, device=hidden_states.device)
+    for _, idx in groups:
+        base[idx] = False
+    if bool(base.any()):
+        groups.insert(0, (head, base.nonzero().squeeze(1)))
+    if len(groups) == 1 and groups[0][1].numel() == n:
+        return model.logits_processor(groups[0][0], hidden_states)  # one head owns every row
+    out = None
+    for module, idx in groups:
+        part = model.logits_processor(module, hidden_states.index_select(0, idx))
+        if part is None:  # a tensor-parallel rank without the gathered logits
+            return None
+        if out is None:
+            out = part.new_empty((n, *part.shape[1:]))
+        out.index_copy_(0, idx, part)
+    return out
 
 
 def route_logits_(model: torch.nn.Module, hidden_states: torch.Tensor, logits: torch.Tensor | None,

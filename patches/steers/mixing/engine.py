@@ -8,12 +8,16 @@ component, the tuned or the base weights (`steer.mixing`; TAIA = tuned attention
   projections, the final norm and the LM head (TAIA keeps all of these tuned);
 - component `ffn`: every decoder layer's MLP projections.
 
-Each routed module ("site") first runs as usual on the whole batch (so rows of requests without
-mixing are computed exactly as by a plain engine), then the rows of requests that use a variant's
-weights for the site's component are recomputed with a *shadow* of the module that holds the
-variant's weights (same class, same kernels, weights loaded by vLLM's own weight loaders, so
-tensor-parallel sharding is vLLM's) and overwritten. Sites whose variant weights equal the base's
-(e.g. the FFN of a TAIA export) have no shadow and cost nothing.
+In an eager mixed step each routed linear module ("site": q/k/v/o, gate/up, down) splits the step's
+rows into groups, one per set of weights (`row_segments`, made once per step): the rows of requests
+that use a variant's weights for the site's component are computed by a *shadow* of the module that
+holds the variant's weights (same class, same kernels, weights loaded by vLLM's own weight loaders,
+so tensor-parallel sharding is vLLM's), the rest by the module itself, each row once: a mixed step
+does the linear work of one plain step (plus reading the variant's weights). Norms and embeddings
+(elementwise, cheap) run on every row and the routed rows are overwritten by the shadow's result;
+so do all sites in graph mode and under torch.compile, where shapes must stay fixed. The LM head is
+split like the linear sites, in `compute_logits`. Sites whose variant weights equal the base's (e.g.
+the FFN of a TAIA export) have no shadow and cost nothing.
 
 This module: the per-step routing (`StepMixing`), the routing op the sites call, the logits route
 and the engine; the vLLM-specific parts (which modules are sites, loading weights, shadows, the LM
@@ -47,6 +51,9 @@ class StepMixing:
     # component -> the variant whose rows are every row of the step (then a site runs only its
     # shadow: no base computation to overwrite, and no unmixed row whose result could change)
     whole: dict[str, int] = field(default_factory=dict)
+    ranges: dict[tuple[str, int], list[tuple[int, int]]] = field(default_factory=dict)
+    device: torch.device | str = "cpu"
+    _segments: dict = field(default_factory=dict)  # (component, variants) -> segments, made on first use
 
     @classmethod
     def build(cls, entries: list[tuple[MixingPlan, RequestRows]], num_reqs: int,
@@ -54,7 +61,7 @@ class StepMixing:
         """entries: (plan, rows) per request (those whose plan routes no rows are skipped);
         num_tokens: the step's token rows (-1: unknown, never whole)."""
         by_key: dict[tuple[str, int], list[tuple[int, int]]] = {}
-        mix = cls(num_reqs=num_reqs, num_tokens=num_tokens)
+        mix = cls(num_reqs=num_reqs, num_tokens=num_tokens, ranges=by_key, device=device)
         for plan, (index, start, end, *_) in entries:
             if not plan.routes or end <= start:
                 continue
@@ -69,12 +76,35 @@ class StepMixing:
             return None
         for key, ranges in by_key.items():
             ranges.sort()
-            contiguous = all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
-            mix.spans[key] = (ranges[0][0], ranges[-1][1]) if contiguous else None
-            mix.rows[key] = torch.cat([torch.arange(s, e, dtype=torch.long) for s, e in ranges]).to(device)
+            mix.rows[key], mix.spans[key] = rows_and_span(ranges, device)
             if mix.spans[key] == (0, num_tokens):
                 mix.whole[key[0]] = key[1]
         return mix
+
+    def variants(self, component: str) -> list[int]:
+        """The variants this step routes rows of `component` to."""
+        return [variant for (comp, variant) in self.rows if comp == component]
+
+    def segments(self, component: str, variants: tuple[int, ...]) -> list[tuple[int | None, torch.Tensor, tuple]]:
+        """Every token row of the step in exactly one group, for a site of `component` where
+        `variants` have weights of their own: (variant, rows, contiguous span or None) per variant,
+        and (None, ...) for the rows the base weights compute (the rest; absent when none)."""
+        key = (component, variants)
+        found = self._segments.get(key)
+        if found is None:
+            taken = sorted(r for v in variants for r in self.ranges.get((component, v), ()))
+            free, at = [], 0
+            for start, end in taken:
+                if start > at:
+                    free.append((at, start))
+                at = max(at, end)
+            if at < self.num_tokens:
+                free.append((at, self.num_tokens))
+            found = [(None, *rows_and_span(free, self.device))] if free else []
+            found += [(v, self.rows[(component, v)], self.spans[(component, v)]) for v in variants
+                      if (component, v) in self.rows]
+            self._segments[key] = found
+        return found
 
     def whole_variant(self, component: str, num_rows: int) -> int | None:
         """The variant that owns every one of the `num_rows` rows a site sees, if one does."""
@@ -88,11 +118,19 @@ class StepMixing:
                 yield variant, rows, self.spans[(comp, variant)]
 
 
+def rows_and_span(ranges: list[tuple[int, int]], device) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """Sorted, disjoint [start, end) ranges -> (their rows as a long tensor on `device`, the span
+    (first, last + 1) when they are contiguous, else None)."""
+    contiguous = all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+    rows = torch.cat([torch.arange(s, e, dtype=torch.long) for s, e in ranges]).to(device)
+    return rows, ((ranges[0][0], ranges[-1][1]) if contiguous else None)
+
+
 def overwrite_rows_(out: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | None, new: torch.Tensor) -> None:
     if span is not None:
         out[span[0] : span[1]] = new
     else:
-        out.index_copy_(0, rows, new.to(out.dtype))
+        out.index_copy_(0, rows, new if new.dtype == out.dtype else new.to(out.dtype))
 
 
 def select_rows(x: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
@@ -152,10 +190,12 @@ def _route_rows_(out: torch.Tensor, x: torch.Tensor, module: torch.nn.Module) ->
     state = _mixing_state(module)
     if state is None or state.by_buffers:
         return
-    for variant, rows, span in state.mix.groups(module.steer_component):
-        shadow = adapter.shadow_for(module, variant)
-        if shadow is None:
-            continue
+    cached = module.__dict__.get("steer_routes")
+    if cached is None or cached[0] is not state.mix:  # made at this site's first call of the step
+        routes = [(adapter.shadow_for(module, variant), rows, span)
+                  for variant, rows, span in state.mix.groups(module.steer_component)]
+        cached = module.__dict__["steer_routes"] = (state.mix, [r for r in routes if r[0] is not None])
+    for shadow, rows, span in cached[1]:
         new = shadow(select_rows(x, rows, span))
         if isinstance(new, tuple):
             new = new[0]
@@ -193,10 +233,48 @@ def whole_shadow(module: torch.nn.Module, num_rows: int) -> torch.nn.Module | No
     return adapter.shadow_for(module, variant) if variant is not None else None
 
 
+def row_segments(module: torch.nn.Module, num_rows: int) -> list | None:
+    """Eager steps that route rows at this linear site: every row in one group, each with the module
+    that computes it ((module or shadow, rows, span); the base group's module is None), so a mixed
+    step does the linear work of one plain step. None: no routed rows here, or graph mode and
+    torch.compile (there the registered op overwrites after the plain forward, at fixed shapes)."""
+    if torch.compiler.is_compiling() or module.steer_handle.graph_safe:
+        return None
+    state = _mixing_state(module)
+    if state is None or state.by_buffers or num_rows != state.mix.num_tokens:
+        return None
+    cached = module.__dict__.get("steer_segments")
+    if cached is not None and cached[0] is state.mix:  # this step's, made at this site's first call
+        return cached[1]
+    variants = tuple(v for v in state.mix.variants(module.steer_component) if adapter.shadow_for(module, v) is not None)
+    segments = [(None if v is None else adapter.shadow_for(module, v), rows, span)
+                for v, rows, span in state.mix.segments(module.steer_component, variants)] if variants else None
+    module.__dict__["steer_segments"] = (state.mix, segments)  # not nn.Module.__setattr__: per step, per site
+    return segments
+
+
+def segmented_forward(x: torch.Tensor, segments: list, base_forward):
+    """A linear site's output with each row group computed by its own weights (`base_forward` for
+    the base group): the result's structure (out, or (out, bias)) is the first group's."""
+    if len(segments) == 1:  # one owner of every row: nothing to split or assemble
+        shadow = segments[0][0]
+        return base_forward(x) if shadow is None else shadow(x)
+    out = rest = None
+    for shadow, rows, span in segments:
+        part = select_rows(x, rows, span)
+        result = base_forward(part) if shadow is None else shadow(part)
+        new = result[0] if isinstance(result, tuple) else result
+        if out is None:
+            out = new.new_empty((x.shape[0], *new.shape[1:]))
+            rest = result[1:] if isinstance(result, tuple) else None
+        overwrite_rows_(out, rows, span, new)
+    return out if rest is None else (out, *rest)
+
+
 class MixableLinearMixin:
     def forward(self, x):
-        if self.steer_routed and (shadow := whole_shadow(self, x.shape[0])) is not None:
-            return shadow(x)
+        if self.steer_routed and (segments := row_segments(self, x.shape[0])) is not None:
+            return segmented_forward(x, segments, super().forward)
         result = super().forward(x)
         if self.steer_routed:
             route_rows_(result[0] if isinstance(result, tuple) else result, x, self)
@@ -275,7 +353,9 @@ class MixingEngine(SteerEngine):
         return MixingStep(state.mix, LogitsRoute(out, state.mix), state.by_buffers)
 
     def replace_logits(self, state: MixingStep, model, hidden_states):
-        return adapter.whole_logits(model, hidden_states, state.route) if state.route is not None else None
+        # each row's logits from its own LM head, computed once (None: none routed, or rows that
+        # match neither the step's requests nor its hidden states: then `edit_logits` logs it)
+        return adapter.segmented_logits(model, hidden_states, state.route) if state.route is not None else None
 
     def edit_logits(self, state: MixingStep, model, hidden_states, logits):
         if state.route is not None:
