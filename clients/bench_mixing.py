@@ -142,8 +142,8 @@ def run_mixing_bits(args: argparse.Namespace) -> dict:
     A mixed step computes unmixed rows with the base weights in a smaller matrix product than an
     all-plain step; where the GEMM kernel's per-row results depend on the number of rows, their bits
     move. The yardstick is vLLM's own behaviour: on a stock engine (no variant), the same requests
-    in batches of other sizes (the 24 non-TAIA prompts alone, every second prompt alone, against all
-    32 together). Then on the engine holding the variant, the unmixed rows of a quarter-TAIA batch
+    in batches of other sizes (the non-TAIA prompts alone, every second prompt alone, against all
+    of them together). Then on the engine holding the variant, the unmixed rows of a quarter-TAIA batch
     against the all-plain batch. Greedy tokens and their logprobs are compared (over the tokens
     both runs share)."""
     from steerserve.patches.plan import MixingPlan, SteerPlan
@@ -179,9 +179,9 @@ def run_mixing_bits(args: argparse.Namespace) -> dict:
     llm = steerable_llm(model_dir, args.dtype, n)
     try:
         full = generate(llm, range(n), [None] * n)
-        results["stock: the 24 unmixed prompts alone vs among all 32"] = compare(
+        results["stock: the unmixed prompts alone vs among all"] = compare(
             full, generate(llm, unmixed, [None] * len(unmixed)), unmixed)
-        results["stock: every second prompt alone vs among all 32"] = compare(
+        results["stock: every second prompt alone vs among all"] = compare(
             full, generate(llm, every_second, [None] * len(every_second)), every_second)
     finally:
         shutdown(llm)

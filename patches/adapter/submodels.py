@@ -173,8 +173,14 @@ def run_pair(model: torch.nn.Module, name: str, requests: list, input_ids: torch
     ids, pos = input_ids.index_select(0, rows_dev), positions.index_select(0, rows_dev)
     # the KV writes read the per-layer slot mapping of the forward context: cut it alike
     slots = fc.slot_mapping if isinstance(fc.slot_mapping, dict) else {}
-    slot_overrides = {layer: slots[layer].index_select(0, rows.to(slots[layer].device))
-                      for layer in overrides if slots.get(layer) is not None}
+    cut_slots: dict[int, torch.Tensor] = {}  # layers of one KV group share a mapping: cut each once
+    slot_overrides = {}
+    for layer in overrides:
+        mapping = slots.get(layer)
+        if mapping is not None:
+            if id(mapping) not in cut_slots:
+                cut_slots[id(mapping)] = mapping.index_select(0, rows.to(mapping.device))
+            slot_overrides[layer] = cut_slots[id(mapping)]
     saved = {layer: metadata.get(layer) for layer in overrides}
     saved_slots = {layer: slots[layer] for layer in slot_overrides}
     metadata.update(overrides)

@@ -45,10 +45,23 @@ def test_mixing_bench_runs(tiny_llama, tmp_path):
     assert set(results["tok_per_s"]) == {
         "no_variants_plain", "no_variants_plain_control", "variant_loaded_plain", "variant_loaded_all_tuned",
         "variant_loaded_all_taia", "variant_loaded_tuned_taia_half", "variant_loaded_quarter_taia",
-        "hf_two_models_two_batches"}
+        "variant_loaded_one_taia", "hf_two_models_two_batches"}
     assert all(v > 0 for v in results["tok_per_s"].values())
     assert all(v == v for v in results["ratios"].values()), results["ratios"]  # no NaN
     assert "taia_vs_tuned_rows_in_one_half_half_batch" in results["ratios"] and out.exists()
+    assert {"decode_step_extra_one_taia_row", "decode_step_extra_all_taia_rows"} <= set(results["ratios"])
+
+
+def test_mixing_bits_check_runs(tiny_llama, tmp_path):
+    """The check sees the TAIA rows change and reports the unmixed rows against the stock engine's
+    own batch-composition differences (float32 here: all bit-identical)."""
+    out = tmp_path / "bits.json"
+    results = run_bench(bench_args(tiny_llama, out, "mixing-bits"))
+    unmixed = results["variant loaded: unmixed rows of a quarter-TAIA batch vs the all-plain batch"]
+    assert unmixed == {"rows": 3, "rows_with_equal_tokens": 3, "max_abs_logprob_difference": 0.0}
+    assert results["stock: the unmixed prompts alone vs among all"]["max_abs_logprob_difference"] == 0.0
+    assert results["TAIA rows differ from plain (the check can see a change)"]["max_abs_logprob_difference"] > 0
+    assert out.exists()
 
 
 def test_proxy_bench_runs(tiny_llama, tmp_path):
@@ -56,11 +69,12 @@ def test_proxy_bench_runs(tiny_llama, tmp_path):
     results = run_bench(bench_args(tiny_llama, out, "proxy"))
     assert set(results["tok_per_s"]) == {
         "base_alone_plain", "base_alone_plain_control", "expert_alone_plain", "anti_expert_alone_plain",
-        "pair_loaded_plain", "pair_loaded_all_proxy", "pair_loaded_quarter_proxy", "hf_three_models_batched",
-        "hf_base_alone_batched"}
+        "pair_loaded_plain", "pair_loaded_all_proxy", "pair_loaded_quarter_proxy", "pair_loaded_one_proxy",
+        "hf_three_models_batched", "hf_base_alone_batched"}
     assert all(v > 0 for v in results["tok_per_s"].values())
     assert all(v == v for v in results["ratios"].values()), results["ratios"]  # no NaN
     assert "proxy_cost_over_sum_of_three_plain_costs" in results["ratios"] and out.exists()
+    assert {"decode_step_extra_one_proxy_row", "decode_step_extra_quarter_proxy_rows"} <= set(results["ratios"])
 
 
 def test_vectors_bench_runs(tiny_llama, tmp_path):
