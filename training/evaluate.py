@@ -111,9 +111,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from steerserve.clients import datasets as ds
-    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.model_store import resolve_model
 
-    base = Path(args.base).expanduser().resolve() if args.base else ensure_embedded_model()
+    base = resolve_model(args.base)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in ds.MC_TASKS]
     if bad:

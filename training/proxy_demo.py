@@ -90,12 +90,12 @@ def task_conversations(task: str, skip: int) -> list[dict]:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.model_store import resolve_model
 
     from .sft import add_sft_args, run_sft
 
     out = Path(args.out).expanduser().resolve()
-    base = Path(args.base).expanduser().resolve() if args.base else ensure_embedded_model()
+    base = resolve_model(args.base)
     stages = {s.strip() for s in args.steps.split(",") if s.strip()}
     unknown = stages - {"anti", "data", "expert", "tuned"}
     if unknown:

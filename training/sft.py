@@ -120,13 +120,13 @@ def run_sft(args: argparse.Namespace) -> SftResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.model_store import resolve_model
 
     from .indicator import DEFAULT_TEXT, score_conversations, suffixes, threshold_for
     from .infosteer_train import InfoSteerTraining, InfoSteerTrainConfig
 
     t0 = time.time()
-    base = Path(args.base).expanduser().resolve() if args.base else ensure_embedded_model()
+    base = resolve_model(args.base)
     if not _ckpt.is_full_checkpoint(base):
         raise SystemExit(f"--base: {base} is not a checkpoint folder (config.json + *.safetensors)")
     out = Path(args.out).expanduser().resolve()

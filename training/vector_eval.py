@@ -59,12 +59,12 @@ def run_vector_eval(args: argparse.Namespace) -> None:
     from steerserve.patches.steers.base import SETTINGS_KEY, ModelInfo
     from steerserve.patches.steers.vectors import VECTORS_SETTING
     from steerserve.server import family as _family
-    from steerserve.server.model_store import EMBEDDED_DEMO_VECTOR, ensure_embedded_model
+    from steerserve.server.model_store import EMBEDDED_DEMO_VECTOR, resolve_model
     from steerserve.server.schema import SteerError, normalise
 
     from .vector_data import HELD_OUT_PROMPTS
 
-    model = Path(args.model).expanduser().resolve() if args.model else ensure_embedded_model()
+    model = resolve_model(args.model)
     vector = Path(args.vector) if args.vector else EMBEDDED_DEMO_VECTOR
     info = ModelInfo.from_checkpoint(model)
     fam = _family.Family()

@@ -203,11 +203,11 @@ def run_train_vectors(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from steerserve.patches.steers.vectors import files
-    from steerserve.server.model_store import ensure_embedded_model
+    from steerserve.server.model_store import resolve_model
 
     from . import checkpoints as ck
 
-    model_dir = Path(args.model).expanduser().resolve() if args.model else ensure_embedded_model()
+    model_dir = resolve_model(args.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if args.persona:
