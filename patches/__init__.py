@@ -13,6 +13,7 @@ from .architectures import STEERABLE_ARCHITECTURES  # noqa: E402
 
 def register() -> None:
     from .adapter.block_hash import install_prefix_cache_keys
+    from .adapter.lora_cpu import install_cpu_lora_fix
     from .adapter.registry import register_steerable
     from .adapter.runner import install_cpu_pipeline_fix, install_runner_hook
 
@@ -20,3 +21,4 @@ def register() -> None:
     install_runner_hook()
     install_cpu_pipeline_fix()
     install_prefix_cache_keys()
+    install_cpu_lora_fix()

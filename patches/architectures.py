@@ -112,6 +112,12 @@ _TESTED = {"LlamaForCausalLM": "tests/engine/test_engine_llama.py and every othe
            "Qwen2ForCausalLM": "tests/engine/test_engine_qwen2.py"}
 
 
+# architectures on which vLLM's multi-LoRA serves a LoRA variant and its TAIA export per request,
+# equal to the merged adapters on Hugging Face (tests/engine/test_lora_architectures.py)
+LORA_TESTED = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                         "Phi3ForCausalLM", "GraniteForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+
+
 def markdown_matrix() -> str:
     """The support matrix as a Markdown table, from `ARCHITECTURES`."""
     headers = [h for h, _ in _STEER_COLUMNS + _LOAD_COLUMNS] + ["TAIA, LoRA variants"]
@@ -126,7 +132,8 @@ def markdown_matrix() -> str:
             else:
                 cells.append(f"yes, {caveat}" if caveat else "yes")
         cells += [f"refused: {a.cannot_load[what]}" if what in a.cannot_load else "yes" for _, what in _LOAD_COLUMNS]
-        cells.append("yes" if a.name == "LlamaForCausalLM" else "vLLM's multi-LoRA; not tested on this architecture")
+        cells.append("yes (vLLM's multi-LoRA)" if a.name in LORA_TESTED
+                     else "vLLM's multi-LoRA; not tested on this architecture")
         tested = _TESTED.get(a.name, "tests/engine/test_architectures.py")
         lines.append(f"| {a.name} | " + " | ".join(cells) + f" | {a.note} | {tested} |")
     return "\n".join(lines)

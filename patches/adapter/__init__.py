@@ -22,6 +22,8 @@ upgrade moves or renames it. Modules:
   `tensor_model_parallel_all_gather` for InfoSteer's whole-row statistics).
 - `mixing`: TAIA mixing of fully fine-tuned variants (module names, loaders, quant processing, LM head).
 - `submodels`: proxy tuning's expert / anti-expert sub-models.
+- `lora_cpu`: the CPU build's pure-torch multi-LoRA ops (`vllm.lora.ops.torch_ops`, imported by
+  name into `punica_cpu`), wrapped so rows without an adapter (index -1) do not take the last slot's.
 - `block_hash`: prefix caching's `generate_block_hash_extra_keys` and the engine-core `Request`.
 - `server`: the OpenAI server's internals the API routes build on (protocol models, the stock route
   handlers, `validate_json_request`, `ErrorResponse`, `EngineClient.vllm_config`, the serving

@@ -5,6 +5,7 @@ import inspect
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 
 from steerserve.patches.adapter import WRAPPED_MARK, block_hash, metadata, parallel, runner
@@ -470,3 +471,37 @@ def test_route_enumeration_and_the_vllm_streaming_echo_bug_code(monkeypatch):
     assert adapter_server.refused_by_vllm_bug(bug)[0] == "n"
     for ok in (dict(n=1), dict(stream=False), dict(echo=False), dict(logprobs=None)):
         assert adapter_server.refused_by_vllm_bug(SimpleNamespace(**{**vars(bug), **ok})) is None
+
+
+def test_cpu_lora_ops_and_their_fix():
+    """vLLM 0.32's pure-torch LoRA ops (the CPU build's) apply the last slot's adapter to rows with
+    index -1 (no adapter); the wrapped ops leave those rows as they were. When this fails on the
+    stock ops, vLLM fixed it: drop `adapter/lora_cpu.py`."""
+    import importlib
+
+    from steerserve.patches.adapter import lora_cpu
+
+    lora_cpu.install_cpu_lora_fix()
+    ops = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=g)
+    a = torch.randn(2, 1, 4, 8, generator=g)  # [slots, 1, rank, in]
+    b = torch.randn(2, 1, 6, 4, generator=g)  # [slots, 1, out, rank]
+    idx = torch.tensor([0, -1, 1])
+    for op, weights, out_cols, extra in (("bgmv_shrink", a, 4, (1.0,)), ("bgmv_expand", b, 6, (True,)),
+                                         ("bgmv_expand_slice", b, 6, (0, 6, True))):
+        fixed = getattr(ops, op)
+        assert getattr(fixed, "stock", None) is not None, f"{op} is not wrapped"
+        for name in lora_cpu.MODULES:
+            assert getattr(importlib.import_module(name), op) is fixed, f"{name}.{op} is not the fixed op"
+        inputs = x if op == "bgmv_shrink" else x[:, :4]
+        stock_out, fixed_out = torch.zeros(3, out_cols), torch.zeros(3, out_cols)
+        fixed.stock(inputs, weights, stock_out, idx, *extra)
+        fixed(inputs, weights, fixed_out, idx, *extra)
+        assert stock_out[1].abs().sum() > 0, f"stock {op} no longer applies the last slot to index -1: vLLM fixed it"
+        assert torch.equal(fixed_out[1], torch.zeros(out_cols))  # the row without an adapter is untouched
+        assert torch.equal(fixed_out[[0, 2]], stock_out[[0, 2]])  # the others as the stock op computes them
+    sgmv = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops").sgmv_shrink  # finds bgmv_shrink by name
+    out = torch.zeros(3, 4)
+    sgmv(x, a, out, None, torch.tensor([1, 2]), torch.tensor([0, -1]), 2, 2, 3, 1.0)
+    assert torch.equal(out[1:], torch.zeros(2, 4)) and out[0].abs().sum() > 0

@@ -4,11 +4,13 @@ OpenAI SDK. Mixed outputs are compared with Hugging Face models of the exported 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 
 import httpx
 import openai
 import pytest
+import torch
 from server_proc import running_server
 from engine_checks import build_lora_family, greedy_hf, perturbed_copy
 
@@ -148,6 +150,18 @@ def test_lora_family_mixing(lora_client, lora_family):
     assert ids_of(tuned) != ids_of(taia)
     base_mix = complete(lora_client, "sft", {"mixing": "base"})
     assert ids_of(base_mix) == ids_of(complete(lora_client, "tiny"))
+    # with every adapter slot filled, a plain request next to adapter requests is still the base model
+    # (vLLM 0.32's CPU LoRA ops gave it the last slot's adapter: patches/adapter/lora_cpu.py)
+    from transformers import AutoModelForCausalLM
+
+    from steerserve.patches.reference import token_logprobs
+
+    # a plain request in the same steps as adapter requests (the bug needs LoRA rows in the batch)
+    with cf.ThreadPoolExecutor(3) as pool:
+        plain, *_ = pool.map(lambda m: complete(lora_client, m, n=16), ["tiny", "sft:ffn-only", "sft"])
+    base = AutoModelForCausalLM.from_pretrained(lora_family["base"], dtype=torch.float32).eval()
+    ref = token_logprobs(base, prompt_ids, ids_of(plain), None)
+    assert max(abs(a - b) for a, b in zip(plain.choices[0].logprobs.token_logprobs, ref)) < 1e-3
     echo = taia.model_extra["steer"]["applied"][0]
     assert echo["served_by"] == "multi-LoRA adapter" and echo["adapter"] == "sft:taia"
     assert taia.model == "sft"
