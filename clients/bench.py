@@ -47,9 +47,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    default="infosteer",
                    help="which steer to measure (default infosteer); mixing: TAIA with a fully fine-tuned variant "
                         "(clients/bench_mixing.py); mixing-bits: whether unmixed rows of a mixed batch keep their "
-                        "bits, against vLLM's own batch-composition differences; proxy: proxy tuning (clients/bench_proxy.py); vectors: residual "
-                        "steering vectors (clients/bench_vectors.py); context-kernel: the context-attention pass "
-                        "alone, CPU kernel vs torch pass, on synthetic paged tensors (clients/bench_context_kernel.py)")
+                        "bits, against vLLM's own batch-composition differences; proxy: proxy tuning "
+                        "(clients/bench_proxy.py); vectors: residual steering vectors (clients/bench_vectors.py); "
+                        "context-kernel: the context-attention pass alone, CPU kernel vs torch pass, on synthetic "
+                        "paged tensors (clients/bench_context_kernel.py)")
     p.add_argument("--vector", default=None, metavar="FILE",
                    help="vectors only: the main vector (default: the embedded model's demo vector; needed with --model)")
     p.add_argument("--vector-scale", type=float, default=4.0, help="vectors only: scale of the configurations (default 4)")
