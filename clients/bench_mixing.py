@@ -141,11 +141,13 @@ def run_mixing_bits(args: argparse.Namespace) -> dict:
 
     A mixed step computes unmixed rows with the base weights in a smaller matrix product than an
     all-plain step; where the GEMM kernel's per-row results depend on the number of rows, their bits
-    move. The yardstick is vLLM's own behaviour: on a stock engine (no variant), the same requests
+    move. The yardstick is vLLM's own behaviour: on an engine without a variant (the "stock" runs:
+    no steering, whose plain rows are stock vLLM's bit for bit, as the engine tests check), the same requests
     in batches of other sizes (the non-TAIA prompts alone, every second prompt alone, against all
     of them together). Then on the engine holding the variant, the unmixed rows of a quarter-TAIA batch
     against the all-plain batch. Greedy tokens and their logprobs are compared (over the tokens
     both runs share)."""
+    from steerserve.patches.adapter.runner import shutdown_engine
     from steerserve.patches.plan import MixingPlan, SteerPlan
     from steerserve.patches.steers.mixing import VARIANTS_SETTING
 
@@ -184,7 +186,7 @@ def run_mixing_bits(args: argparse.Namespace) -> dict:
         results["stock: every second prompt alone vs among all"] = compare(
             full, generate(llm, every_second, [None] * len(every_second)), every_second)
     finally:
-        shutdown(llm)
+        shutdown_engine(llm)
     _log("engine holding the variant: all plain, then a quarter TAIA")
     llm = steerable_llm(model_dir, args.dtype, n, {VARIANTS_SETTING: [{"name": "v", "path": str(variant)}]})
     try:
@@ -196,15 +198,9 @@ def run_mixing_bits(args: argparse.Namespace) -> dict:
         results["TAIA rows differ from plain (the check can see a change)"] = compare(
             plain, mixed, [i for i in range(n) if i % 4 == 0])
     finally:
-        shutdown(llm)
+        shutdown_engine(llm)
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     scratch.cleanup()
     return results
-
-
-def shutdown(llm) -> None:
-    from steerserve.patches.adapter.runner import shutdown_engine
-
-    shutdown_engine(llm)

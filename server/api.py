@@ -308,14 +308,13 @@ async def _unsteered(stock_handler, request, raw_request: Request):
     MODEL (and a fully fine-tuned variant's name as the base: they share the tokenizer), so
     harnesses can tokenize under the model name they evaluate. A served MODEL with an unknown NAME
     is a 400 naming `model`."""
+    fam = family.current()
     try:
-        named = split_model_name(getattr(request, "model", None), raw_request.app.state.steerserve_config,
-                                 family.current().serves)
+        named = split_model_name(getattr(request, "model", None), raw_request.app.state.steerserve_config, fam.serves)
     except SteerError as err:
         return bad_request(err.field, f"invalid model: {err.message}")
     if named is not None:
         request.model = named[0]
-    fam = family.current()
     if fam.needs_plan(request.model):  # a fully fine-tuned variant shares the base's tokenizer
         request.model = fam.base_name
     return await stock_handler(request, raw_request)

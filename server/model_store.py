@@ -75,10 +75,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("STEERSERVE_HOME") or Path.home() / ".cache" / "steerserve").expanduser()
 
 
-def embedded_model_dir() -> Path:
-    return cache_root() / "models" / EMBEDDED_NAME
-
-
 def _log(msg: str) -> None:
     print(f"[steerserve] {msg}", file=sys.stderr, flush=True)
 

@@ -182,13 +182,17 @@ def lm_head_module(model: torch.nn.Module) -> torch.nn.Module:
 def segmented_logits(model: torch.nn.Module, hidden_states: torch.Tensor, route: Any) -> torch.Tensor | None:
     """The logits of `hidden_states` with each row computed once, by its own LM head: the variant's
     for the rows of requests whose attention component (which holds the LM head) is tuned, the
-    base's for the rest (`route`: the step's `LogitsRoute`). None when the head is not routed, no
-    row is routed to a variant with a head of its own, or the rows match neither the step's
-    requests nor its hidden states (then compute as usual and `route_logits_`, which logs it)."""
+    base's for the rest (`route`: the step's `LogitsRoute`). None (compute as usual: the base LM
+    head on every row) when the head is not routed, no row is routed to a variant with a head of its
+    own, or the rows match neither the step's requests nor its hidden states (logged)."""
     head = lm_head_module(model)
     if route is None or not getattr(head, "steer_routed", False):
         return None
     rows = route.rows_for(hidden_states)
+    if rows is None:
+        logger.error("steerserve: compute_logits got %d rows that match neither the step's requests nor its "
+                     "hidden states; mixed requests' logits use the base LM head", hidden_states.shape[0])
+        return None
     if not rows:
         return None
     groups = [(shadow_for(head, variant), idx) for variant, idx in rows.items() if idx.numel()]
@@ -212,28 +216,3 @@ def segmented_logits(model: torch.nn.Module, hidden_states: torch.Tensor, route:
             out = part.new_empty((n, *part.shape[1:]))
         out.index_copy_(0, idx, part)
     return out
-
-
-def route_logits_(model: torch.nn.Module, hidden_states: torch.Tensor, logits: torch.Tensor | None,
-                  route: Any) -> None:
-    """Recompute the logits rows of mixed requests whose attention component (which holds the LM
-    head) is tuned, with the variant's LM head (after `compute_logits`; `route`: the step's
-    `LogitsRoute`)."""
-    if route is None or logits is None:
-        return
-    head = lm_head_module(model)
-    if not getattr(head, "steer_routed", False):
-        return
-    rows = route.rows_for(hidden_states)
-    if rows is None:
-        logger.error("steerserve: compute_logits got %d rows that match neither the step's requests nor its "
-                     "hidden states; mixed requests' logits use the base LM head", hidden_states.shape[0])
-        return
-    for variant, idx in rows.items():
-        shadow = shadow_for(head, variant)
-        if shadow is None:
-            continue
-        new = model.logits_processor(shadow, hidden_states.index_select(0, idx))
-        logits.index_copy_(0, idx, new.to(logits.dtype))
-
-

@@ -353,14 +353,9 @@ class MixingEngine(SteerEngine):
         return MixingStep(state.mix, LogitsRoute(out, state.mix), state.by_buffers)
 
     def replace_logits(self, state: MixingStep, model, hidden_states):
-        # each row's logits from its own LM head, computed once (None: none routed, or rows that
-        # match neither the step's requests nor its hidden states: then `edit_logits` logs it)
+        # each row's logits from its own LM head, computed once (None: no row routed to a head of
+        # its own, or rows that match neither the step's requests nor its hidden states, logged)
         return adapter.segmented_logits(model, hidden_states, state.route) if state.route is not None else None
-
-    def edit_logits(self, state: MixingStep, model, hidden_states, logits):
-        if state.route is not None:
-            adapter.route_logits_(model, hidden_states, logits, state.route)
-        return logits
 
 
 ENGINE = MixingEngine()
