@@ -38,7 +38,10 @@ def mixing_sites(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str
     import re
 
     found = []
+    skip = submodel_prefixes(model)
     for name, module in model.named_modules():
+        if name.startswith(skip):
+            continue
         for pattern, component in _SITE_RE:
             if re.search(pattern, name):
                 found.append((name, module, component))
@@ -47,6 +50,12 @@ def mixing_sites(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str
     if lm_head is not None and all(lm_head is not m for _, m, _ in found) and hasattr(lm_head, "weight"):
         found.append(("lm_head", lm_head, "attention"))
     return found
+
+
+def submodel_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the sub-models an engine built inside `model` (modules marked
+    `steer_submodel`, e.g. proxy pairs): their modules and parameters are not the base model's."""
+    return tuple(f"{name}." for name, m in model.named_modules() if getattr(m, "steer_submodel", False))
 
 
 _mixable_classes: dict[type, type] = {}
@@ -95,7 +104,8 @@ def load_variant_weights(model: torch.nn.Module, load_weights, variants: list[di
     `load_weights` is the base class's bound method."""
 
     sites = mixing_sites(model)
-    params = dict(model.named_parameters())
+    skip = submodel_prefixes(model)  # a proxy pair's sub-models load their own checkpoints
+    params = {name: p for name, p in model.named_parameters() if not name.startswith(skip)}
     name_of = {id(p): name for name, p in params.items()}
     base = {name: p.data for name, p in params.items()}
     for _, module, component in sites:

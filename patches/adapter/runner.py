@@ -1,7 +1,9 @@
 """The model runner: where each step's steering begins (worker process).
 
 Surfaces: `GPUModelRunner._model_forward` (V1 runner; `CPUModelRunner` subclasses it), called once
-per step under `set_forward_context` after the step's inputs are final; inside it
+per step under `set_forward_context` after the step's inputs are final, and
+`GPUModelRunner._dummy_run(num_tokens, ...)` (profile and warm-up runs, where engines warm up on
+`runner.input_ids.gpu` and `runner.positions`); inside it
 `runner.input_batch.req_ids` (row order), `runner.input_batch.num_reqs`,
 `runner.input_batch.num_computed_tokens_cpu` (each request's first position in the step),
 `runner.query_start_loc.np` (token row offsets per request), `runner.requests[req_id].sampling_params.extra_args` (the plan) and
@@ -100,6 +102,27 @@ def install_runner_hook() -> None:
     setattr(_model_forward, WRAPPED_MARK, True)
     _model_forward.__wrapped__ = original
     GPUModelRunner._model_forward = _model_forward
+
+    original_dummy = GPUModelRunner._dummy_run
+
+    def _dummy_run(self, num_tokens: int, *args, **kwargs):
+        # vLLM's profile / compile warm-up / graph capture runs (no requests): after the model's
+        # dummy pass, the engines warm up what their steps will run (compiled sub-models), on the
+        # runner's own input buffers (a compiled graph keeps the dtypes it was traced with)
+        out = original_dummy(self, num_tokens, *args, **kwargs)
+        model = self.get_model()
+        handle: StepHandle | None = getattr(model, "steer_handle", None)
+        ids = getattr(getattr(self, "input_ids", None), "gpu", None)
+        positions = getattr(self, "positions", None)
+        positions = getattr(positions, "gpu", positions)
+        if handle is not None and isinstance(ids, torch.Tensor) and isinstance(positions, torch.Tensor) \
+                and positions.dim() == 1:
+            handle.warm_up(model, ids[:num_tokens], positions[:num_tokens])
+        return out
+
+    setattr(_dummy_run, WRAPPED_MARK, True)
+    _dummy_run.__wrapped__ = original_dummy
+    GPUModelRunner._dummy_run = _dummy_run
 
 
 def install_cpu_pipeline_fix() -> None:

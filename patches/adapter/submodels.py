@@ -2,11 +2,12 @@
 `patches/steers/proxy/engine.py`).
 
 Surfaces: vLLM's Llama/Qwen2 `ForCausalLM` classes built a second time with another HF config
-(`VllmConfig` / `ModelConfig` shallow copies with `hf_config` replaced, under
-`set_current_vllm_config`; a `CompilationConfig` copy with mode NONE and every custom op on, sharing
-`static_forward_context`), their `load_weights` and `compute_logits`, the model's inner
-`.model(input_ids, positions)`, the `support_torch_compile` wrapper's `do_not_compile` flag (the
-sub-models run eagerly, on a varying subset of rows), the forward context's per-layer
+(`VllmConfig` / `ModelConfig` shallow copies with `hf_config` and `model` replaced, under
+`set_current_vllm_config`; in an eager engine a `CompilationConfig` copy with mode NONE and every
+custom op on, sharing `static_forward_context`), their `load_weights` and `compute_logits`, the model's inner
+`.model(input_ids, positions)`, the `support_torch_compile` wrapper (in a compiled engine the
+sub-models compile too, under `set_model_tag`, as vLLM's draft models do; its `do_not_compile`
+flag tells the eager ones), `set_forward_context` (the warm-up run), the forward context's per-layer
 `attn_metadata` and `slot_mapping` dicts, and `extract_layer_index` (one integer per layer name:
 pair names become module names without a bare integer segment). The step's metadata, cut to the
 proxy requests, comes from `metadata.py`.
@@ -58,6 +59,10 @@ def build_proxy_models(model: torch.nn.Module, vllm_config: Any, pairs: list[dic
                          f"(pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}); "
                          "use tensor parallelism")
     install_metadata_recorder()  # idempotent: also where the plugin registered before the pairs were declared
+    from vllm.compilation.backends import set_model_tag
+
+    # the base's decoder stack compiles in these modes (vLLM's `support_torch_compile` rule); so do the pairs'
+    compiled = vllm_config.compilation_config.mode not in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE)
     holders = torch.nn.ModuleDict()
     for pair in pairs:
         holder = torch.nn.Module()
@@ -73,25 +78,34 @@ def build_proxy_models(model: torch.nn.Module, vllm_config: Any, pairs: list[dic
             sub_model_config = copy.copy(vllm_config.model_config)
             sub_model_config.hf_config = hf_config
             sub_model_config.hf_text_config = hf_config
+            # the compile cache's key hashes the model config: the checkpoint's path keeps each
+            # sub-model's compiled graph (whose attention calls name its own layers) its own
+            sub_model_config.model = str(pair[role])
             sub_config = copy.copy(vllm_config)
             sub_config.model_config = sub_model_config
-            # the sub-models run eagerly: give them vLLM's own kernels for norms, activations and
-            # rotary embeddings (a compiled engine disables those custom ops in favour of its graph,
-            # leaving the slow native torch path to anything not compiled). The copy shares the
-            # static forward context, where their attention layers register.
-            sub_compilation = copy.copy(vllm_config.compilation_config)
-            sub_compilation.mode = CompilationMode.NONE
-            sub_compilation.custom_ops = ["all"]
-            sub_config.compilation_config = sub_compilation
-            with set_current_vllm_config(sub_config):
-                sub = cls(vllm_config=sub_config, prefix=f"{PROXY_ATTR}.{key}.{role}")
-            inner = getattr(sub, "model", None)
-            if hasattr(inner, "do_not_compile"):
-                inner.do_not_compile = True  # eager: it runs on a different subset of rows each step
+            prefix = f"{PROXY_ATTR}.{key}.{role}"
+            if compiled:
+                # compiled like the base, as vLLM compiles its draft models: the engine's own
+                # compilation config (its static forward context holds every attention layer) and a
+                # model tag of its own; the token dimension is dynamic, so the proxy rows' varying
+                # count compiles once (`warm_up_pairs`, in vLLM's warm-up run)
+                with set_current_vllm_config(sub_config), set_model_tag(prefix):
+                    sub = cls(vllm_config=sub_config, prefix=prefix)
+            else:
+                # eager: give the sub-models vLLM's own kernels for norms, activations and rotary
+                # embeddings (the slow native torch path is for compiled graphs). The copy shares the
+                # static forward context, where their attention layers register.
+                sub_compilation = copy.copy(vllm_config.compilation_config)
+                sub_compilation.mode = CompilationMode.NONE
+                sub_compilation.custom_ops = ["all"]
+                sub_config.compilation_config = sub_compilation
+                with set_current_vllm_config(sub_config):
+                    sub = cls(vllm_config=sub_config, prefix=prefix)
             sub.steer_path = pair[role]
             setattr(holder, role, sub)
         holder.steer_name = pair["name"]
         holders[key] = holder
+    holders.steer_submodel = True  # not the base's modules (TAIA variants skip them: `submodel_prefixes`)
     model.steer_proxy = holders
     model.steer_proxy_names = {pair["name"]: proxy_module_key(pair["name"]) for pair in pairs}
 
@@ -191,6 +205,26 @@ def run_pair(model: torch.nn.Module, name: str, requests: list, input_ids: torch
         metadata.update(saved)
         slots.update(saved_slots)
     return sub_of_row, h["expert"], h["anti_expert"]
+
+
+def warm_up_pairs(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> list[str]:
+    """Compile every compiled sub-model now, in vLLM's warm-up (after a dummy run, on its token ids
+    and positions: the runner's own buffers, whose dtypes the compiled graph keeps; no attention
+    metadata, so attention writes nothing), so that the first proxy request does not wait for the
+    compiler. Returns the prefixes run (none: an eager engine, or done already)."""
+    from vllm.forward_context import set_forward_context
+
+    done = []
+    for key, holder in getattr(model, PROXY_ATTR, {}).items():
+        for role in PROXY_ROLES:
+            inner = getattr(holder, role).model
+            if getattr(inner, "do_not_compile", True) or getattr(holder, f"steer_warm_{role}", False):
+                continue
+            with set_forward_context(None, inner.vllm_config, num_tokens=input_ids.shape[0]):
+                inner(input_ids, positions, None)
+            setattr(holder, f"steer_warm_{role}", True)
+            done.append(f"{PROXY_ATTR}.{key}.{role}")
+    return done
 
 
 def pair_logits(model: torch.nn.Module, name: str, role: str, hidden: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,12 @@ class SteerEngine:
         """This step's state from (plan, rows) of every request carrying this steer, or None."""
         raise NotImplementedError
 
+    def warm_up(self, model: torch.nn.Module, handle: StepHandle, input_ids: torch.Tensor,
+                positions: torch.Tensor) -> None:
+        """After each of vLLM's dummy runs (memory profile, compile warm-up, graph capture; no
+        requests; `input_ids` / `positions`: the dummy run's token rows): prepare what this engine's
+        steps will run (compile its sub-models), so that the first steered request does not wait."""
+
     # --- graph-safe steps (engines that have them) -----------------------------------------------
     def make_buffers(self, model: torch.nn.Module, handle: StepHandle) -> Any | None:
         """In graph mode (`handle.graph_safe`): this engine's persistent step buffers, whose
@@ -301,6 +307,11 @@ class StepHandle:
     def calls(self, hook: str) -> list[tuple[SteerEngine, Any]]:
         step = self.step
         return step.calls(hook) if step is not None else []
+
+    def warm_up(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """vLLM ran a dummy pass (no requests) on these token rows: each engine warms up."""
+        for engine in self.engines:
+            engine.warm_up(model, self, input_ids, positions)
 
     # --- what the steerable model calls -------------------------------------------------------
     def after_forward(self, model: torch.nn.Module, out: Any, input_ids, positions) -> None:

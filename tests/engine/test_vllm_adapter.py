@@ -33,6 +33,13 @@ def test_runner_forward_hook_point():
     assert "self.query_start_loc = self._make_buffer(" in src
     assert "self._model_forward(" in inspect.getsource(GPUModelRunner.execute_model)
     assert "self.requests: dict[str, CachedRequestState]" in inspect.getsource(GPUModelRunner.__init__)
+    # the warm-up hook: dummy runs (profile, compile warm-up) with the runner's input buffers
+    assert "_dummy_run" not in CPUModelRunner.__dict__, "CPU runner overrides _dummy_run: hook it too"
+    assert list(inspect.signature(inspect.unwrap(GPUModelRunner._dummy_run)).parameters)[:2] == ["self", "num_tokens"]
+    dummy = inspect.getsource(inspect.unwrap(GPUModelRunner._dummy_run))
+    assert "input_ids = self.input_ids.gpu[:num_tokens_padded]" in dummy
+    assert "positions = self.positions[:num_tokens_padded]" in dummy
+    assert "self._dummy_run(" in inspect.getsource(GPUModelRunner.profile_run)
 
 
 def test_runner_hook_installed_once():
@@ -300,6 +307,14 @@ def test_proxy_surfaces_and_metadata_subset():
         "self", "input_ids", "positions", "intermediate_tensors"]
     src = inspect.getsource(decorators)
     assert "self.do_not_compile" in src and "if self.do_not_compile" in src
+    # compiled sub-models: vLLM's rule for which modes compile, the model tag, the AOT cache key
+    assert "in [CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE]" in src
+    from vllm.compilation.backends import set_model_tag  # noqa: F401
+    from vllm.config import ModelConfig
+
+    assert "model" in {f.name for f in dataclasses.fields(ModelConfig)}, "the compile cache key's model path"
+    assert "vllm_config.compute_hash()" in inspect.getsource(decorators) + inspect.getsource(
+        __import__("vllm.compilation.caching", fromlist=["x"]))
     assert hasattr(LlamaForCausalLM, "compute_logits") and hasattr(LlamaForCausalLM, "load_weights")
     known = (set(metadata._CM_PER_REQUEST) | set(metadata._CM_PER_TOKEN) | set(metadata._CM_DROPPED)
              | set(metadata._CM_REBUILT))

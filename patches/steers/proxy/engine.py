@@ -113,6 +113,11 @@ class ProxyEngine(SteerEngine):
     def load_weights(self, model, handle: StepHandle, load) -> set[str]:
         return submodels.load_proxy_weights(model)
 
+    def warm_up(self, model, handle: StepHandle, input_ids, positions) -> None:
+        # in a compiled engine the experts compile here, in vLLM's warm-up, not in a request
+        for prefix in submodels.warm_up_pairs(model, input_ids, positions):
+            logger.info("steerserve: proxy sub-model %s compiled", prefix)
+
     def build_step(self, entries, shape: StepShape, handle: StepHandle) -> ProxyStep | None:
         by_pair: dict[str, list[tuple[int, int, int, float]]] = {}
         for plan, rows in entries:
