@@ -113,7 +113,8 @@ _TESTED = {"LlamaForCausalLM": "tests/engine/test_engine_llama.py and every othe
 
 
 # architectures on which vLLM's multi-LoRA serves a LoRA variant and its TAIA export per request,
-# equal to the merged adapters on Hugging Face (tests/engine/test_lora_architectures.py)
+# equal to the merged adapters on Hugging Face (tests/engine/test_architectures.py,
+# test_lora_architectures.py (Qwen2) and tests/mixing/test_family_e2e.py (Llama))
 LORA_TESTED = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                          "Phi3ForCausalLM", "GraniteForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
 

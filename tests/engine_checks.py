@@ -326,3 +326,68 @@ def greedy_hf(path, prompt_ids, n=8, adapter=None):
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
     return out[0, len(prompt_ids):].tolist()
+
+
+# --------------------------------------------------------------------------- TAIA with LoRA variants
+
+LORA_ENGINE = dict(enable_lora=True, max_lora_rank=8, max_loras=2)  # engine arguments for check_lora_rows
+
+
+def lora_pair(base, root):
+    """A random rank-8 adapter on every linear projection of the decoder layers (whatever the
+    architecture names them: q/k/v/o or a fused qkv, gate/up/down or a fused gate_up) and its TAIA
+    export."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from steerserve.training import checkpoints as ck
+    from steerserve.training.export import export_taia
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = sorted({name.split(".")[-1] for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layers." in name})
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=targets)) \
+        .save_pretrained(root / "adapter")
+    ck.write_metadata(root / "adapter", "lora", base, ck.base_digest(base))
+    export_taia(root / "adapter", root / "adapter-taia")
+    return root / "adapter", root / "adapter-taia", targets
+
+
+def _merged(base, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    return model if adapter is None else PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+
+
+def check_lora_rows(llm, base, root, name: str) -> None:
+    """`llm` (started with LORA_ENGINE) serves a random LoRA adapter of `base` and its TAIA export
+    per request next to plain rows in one batch: each row's logprobs equal the Hugging Face model
+    with that adapter merged (teacher forced) within LOGPROB_TOL beyond the engine's own unsteered
+    distance from that model, and the three kinds of rows all differ."""
+    from vllm.lora.request import LoRARequest
+
+    adapter, taia, targets = lora_pair(base, root)
+    loras = {"plain": None, "tuned": LoRARequest("tuned", 1, str(adapter)), "taia": LoRARequest("taia", 2, str(taia))}
+    rows = [(PROMPTS[i % len(PROMPTS)], kind) for i, kind in enumerate(["plain", "tuned", "taia", "plain", "taia",
+                                                                         "tuned"])]
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, ignore_eos=True)
+    outs = llm.generate([r[0] for r in rows], params, lora_request=[loras[k] for _, k in rows], use_tqdm=False)
+    models = {"plain": _merged(base, None), "tuned": _merged(base, adapter), "taia": _merged(base, taia)}
+    diffs: dict[str, float] = {}
+    firsts: dict[str, list] = {}
+    for (_, kind), out in zip(rows, outs):
+        c = out.outputs[0]
+        lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
+        ref = token_logprobs(models[kind], list(out.prompt_token_ids), list(c.token_ids), None)
+        diffs[kind] = max(diffs.get(kind, 0.0), max(abs(a - b) for a, b in zip(lps, ref)))
+        firsts.setdefault(kind, lps)
+    plain = diffs["plain"]
+    assert plain < 5e-3, f"{name}: unsteered, the engine differs from Hugging Face by {plain}"
+    for kind in ("tuned", "taia"):
+        assert diffs[kind] < LOGPROB_TOL + plain, f"{name}: {kind} adapter: engine vs merged model {diffs[kind]}"
+    assert len({tuple(v) for v in firsts.values()}) == 3  # plain, tuned and TAIA rows all differ
+    print(f"{name} ({', '.join(targets)}): max |engine - merged adapter| logprob "
+          f"{max(diffs['tuned'], diffs['taia']):.2e} (unsteered {plain:.2e})")

@@ -7,7 +7,8 @@ stays torch-free. Per model instance one `StepHandle` holds the engines and the 
 1. `install(model, handle)` once, after vLLM built the model (and `load_weights` after the base
    weights loaded): swap the modules the engine serves, build sub-models, keep install-time state
    on the modules or in `handle.resources[engine.name]` (an engine object is shared by every
-   model instance of the process and holds no state).
+   model instance of the process and holds no state). After each of vLLM's dummy runs (memory
+   profile, compile warm-up) `warm_up` readies what the steps will run (compiled sub-models).
 2. Every forward step the runner hook (`adapter/runner.py`) reads each request's plan and token rows
    and calls `handle.begin(...)`; each engine's `build_step(entries, shape, handle)` turns its
    requests into that step's state (None: nothing to do this step). The step lives on the handle

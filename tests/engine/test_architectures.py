@@ -10,7 +10,9 @@ chunked prefill with a 64-token budget), one architecture's engines at a time:
   pure-torch reference on the Hugging Face model of the same checkpoint (LOGPROB_TOL beyond the
   engine's own unsteered distance from that model), teacher forced, in one mixed batch, a long
   prompt in chunked prefill included;
-- every refusal is a 400 naming the architecture and the reason, or a start-up refusal.
+- every refusal is a 400 naming the architecture and the reason, or a start-up refusal;
+- the steerable engine serves vLLM's multi-LoRA (LoRA on, the plain rows above still equal stock
+  vLLM's): a LoRA adapter and its TAIA export per request equal the merged Hugging Face model.
 
 These results are the support matrix of docs/architectures.md (generated from the same table:
 `python -m steerserve.patches.architectures`; `test_the_matrix_in_the_docs_is_current`).
@@ -22,10 +24,10 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import close_engine, make_engine, model_info
-from engine_checks import LOGPROB_TOL, PROMPTS, hf, run, vector_plan, with_spans
+from engine_checks import LOGPROB_TOL, LORA_ENGINE, PROMPTS, check_lora_rows, hf, run, vector_plan, with_spans
 from tiny_models import build_tiny
 
-from steerserve.patches.architectures import ARCHITECTURES, FULL_VARIANTS, PROXY_PAIRS
+from steerserve.patches.architectures import ARCHITECTURES, FULL_VARIANTS, LORA_TESTED, PROXY_PAIRS
 from steerserve.patches.reference import token_logprobs
 from steerserve.server.schema import SteerError, normalise
 
@@ -67,7 +69,7 @@ def model(request, tmp_path_factory):
         stock = run(stock_engine, [(text, None) for text, _ in items])
     finally:
         close_engine(stock_engine)
-    llm = make_engine(path, **ENGINE)
+    llm = make_engine(path, **ENGINE, **LORA_ENGINE)  # LoRA on: plain rows must still equal stock vLLM's
     yield SimpleNamespace(name=name, path=path, info=info, llm=llm, stock=stock, items=items, hf=hf(path))
     close_engine(llm)
 
@@ -108,6 +110,14 @@ def test_every_supported_steer_matches_its_reference(model):
     for (_, plan), diff in zip(items[1:], diffs[1:]):
         assert diff < LOGPROB_TOL + plain, f"{model.name}: {plan.applied()}: engine vs reference difference {diff}"
     print(f"{model.name}: max |engine - reference| logprob difference {max(diffs[1:]):.2e} (unsteered {plain:.2e})")
+
+
+def test_lora_and_its_taia_export_per_request(model, tmp_path):
+    """TAIA with LoRA variants on this architecture: an adapter on every linear projection
+    (whatever the names: Phi-3's fused qkv_proj / gate_up_proj included) and its TAIA export, per
+    request next to plain rows, each equal to the merged Hugging Face model (fills LORA_TESTED)."""
+    assert model.info.architecture in LORA_TESTED  # the matrix says what this test shows
+    check_lora_rows(model.llm, model.path, tmp_path, model.name)
 
 
 def test_refusals_name_the_architecture(model, tmp_path):
