@@ -8,7 +8,7 @@ custom op on, sharing `static_forward_context`), their `load_weights` and `compu
 `.model(input_ids, positions)`, the `support_torch_compile` wrapper (in a compiled engine the
 sub-models compile too, under `set_model_tag`, as vLLM's draft models do; its `do_not_compile`
 flag tells the eager ones), `set_forward_context` (the warm-up run), the forward context's per-layer
-`attn_metadata` and `slot_mapping` dicts, and `extract_layer_index` (one integer per layer name:
+`attn_metadata` and `slot_mapping` dicts and its `cudagraph_runtime_mode` / `batch_descriptor`, and `extract_layer_index` (one integer per layer name:
 pair names become module names without a bare integer segment). The step's metadata, cut to the
 proxy requests, comes from `metadata.py`.
 """
@@ -199,11 +199,16 @@ def run_pair(model: torch.nn.Module, name: str, requests: list, input_ids: torch
     saved_slots = {layer: slots[layer] for layer in slot_overrides}
     metadata.update(overrides)
     slots.update(slot_overrides)
+    # compiled sub-models never replay a CUDA graph: one captured for the step's batch would not
+    # fit their rows (steerserve runs without graphs; this holds for an engine started with them)
+    graph_mode, descriptor = fc.cudagraph_runtime_mode, fc.batch_descriptor
+    fc.cudagraph_runtime_mode, fc.batch_descriptor = type(graph_mode).NONE, None
     try:
         h = {role: getattr(holder, role).model(ids, pos, None) for role in PROXY_ROLES}
     finally:
         metadata.update(saved)
         slots.update(saved_slots)
+        fc.cudagraph_runtime_mode, fc.batch_descriptor = graph_mode, descriptor
     return sub_of_row, h["expert"], h["anti_expert"]
 
 

@@ -302,7 +302,8 @@ def test_proxy_surfaces_and_metadata_subset():
 
     assert list(inspect.signature(inspect.unwrap(AttentionGroup.build_metadata)).parameters)[:3] == [
         "self", "common_attn_metadata", "ubatch_idx"]
-    assert {"attn_metadata", "slot_mapping"} <= {f.name for f in dataclasses.fields(ForwardContext)}
+    assert {"attn_metadata", "slot_mapping", "cudagraph_runtime_mode", "batch_descriptor"} <= {
+        f.name for f in dataclasses.fields(ForwardContext)}
     assert list(inspect.signature(LlamaModel.forward).parameters)[:4] == [
         "self", "input_ids", "positions", "intermediate_tensors"]
     src = inspect.getsource(decorators)
