@@ -1,5 +1,7 @@
+import contextlib
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +20,22 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
     return build_tiny("qwen2", tmp_path_factory.mktemp("tiny") / "qwen2")
+
+
+@contextlib.contextmanager
+def apply_model_allowed():
+    """`LLM.apply_model` ships a function to the worker: allow vLLM's pickle fallback for engines
+    started inside this block (the variable is restored after)."""
+    key = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
 
 
 def model_info(model_dir: Path):

@@ -5,11 +5,9 @@ with its routed modules in place), and a proxy pair, whose expert and anti-exper
 the engine (in vLLM's warm-up, before the first request) and then serve a varying number of proxy
 rows per step without recompiling."""
 
-import os
-
 import pytest
 import torch
-from conftest import close_engine, make_engine, model_info
+from conftest import apply_model_allowed, close_engine, make_engine, model_info
 from engine_checks import (
     LOGPROB_TOL, PROMPTS, build_family, check_mixed_batch_bit_identical, check_mixing_parity, check_reference_parity,
     hf, perturbed_copy, run, variant_settings,
@@ -41,18 +39,10 @@ def llm(family, pair):
     settings = variant_settings(family)
     config = settings["additional_config"]
     config[SETTINGS_KEY][PAIRS_SETTING] = [{"name": "task", "expert": str(pair[0]), "anti_expert": str(pair[1])}]
-    key = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # LLM.apply_model ships a function to the worker
-    previous = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
+    with apply_model_allowed():
         engine = make_engine(family["base"], enforce_eager=False, **settings)
         yield engine
         close_engine(engine)
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
 
 
 def test_engine_is_compiled(llm):

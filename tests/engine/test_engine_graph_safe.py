@@ -5,11 +5,10 @@ guarantees as the eager path: unsteered neighbours bit-identical, a neutral plan
 none, logprobs equal to the Hugging Face references; a step over the buffers' capacity runs on the
 eager path."""
 
-import os
 
 import pytest
 import torch
-from conftest import close_engine, make_engine, model_info
+from conftest import apply_model_allowed, close_engine, make_engine, model_info
 from engine_checks import (
     build_family, check_mixed_batch_bit_identical, check_mixing_parity, check_neutral_identity,
     check_reference_parity, plans, run, variant_settings,
@@ -30,20 +29,12 @@ def family(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(family):
-    key = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # LLM.apply_model ships a function to the worker
-    previous = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
+    with apply_model_allowed():
         config = variant_settings(family)["additional_config"]
         config[SETTINGS_KEY].update(graph_safe_steps=True, graph_sorted_rows=SORTED_ROWS, graph_mixed_rows=MIXED_ROWS)
         engine = make_engine(family["base"], additional_config=config)
         yield engine
         close_engine(engine)
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
 
 
 def stats(llm) -> dict:
