@@ -32,13 +32,13 @@ _SITE_RE = (
 )
 
 
-def mixing_sites(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+def mixing_sites(model: torch.nn.Module, skip: tuple[str, ...]) -> list[tuple[str, torch.nn.Module, str]]:
     """(name, module, component) for every module TAIA mixing routes, plus the LM head when it is
-    a module of its own (untied): it is routed in `compute_logits`, not by a forward."""
+    a module of its own (untied): it is routed in `compute_logits`, not by a forward. Modules under
+    the prefixes `skip` (`submodel_prefixes`) are not the base's and are left alone."""
     import re
 
     found = []
-    skip = submodel_prefixes(model)
     for name, module in model.named_modules():
         if name.startswith(skip):
             continue
@@ -103,8 +103,8 @@ def load_variant_weights(model: torch.nn.Module, load_weights, variants: list[di
     routed sites' classes to routing ones (`mixins` by kind) and returns those sites.
     `load_weights` is the base class's bound method."""
 
-    sites = mixing_sites(model)
-    skip = submodel_prefixes(model)  # a proxy pair's sub-models load their own checkpoints
+    skip = submodel_prefixes(model)  # a proxy pair's sub-models: their own checkpoints, not routed
+    sites = mixing_sites(model, skip)
     params = {name: p for name, p in model.named_parameters() if not name.startswith(skip)}
     name_of = {id(p): name for name, p in params.items()}
     base = {name: p.data for name, p in params.items()}

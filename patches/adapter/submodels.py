@@ -4,12 +4,13 @@
 Surfaces: vLLM's Llama/Qwen2 `ForCausalLM` classes built a second time with another HF config
 (`VllmConfig` / `ModelConfig` shallow copies with `hf_config` and `model` replaced, under
 `set_current_vllm_config`; in an eager engine a `CompilationConfig` copy with mode NONE and every
-custom op on, sharing `static_forward_context`), their `load_weights` and `compute_logits`, the model's inner
-`.model(input_ids, positions)`, the `support_torch_compile` wrapper (in a compiled engine the
-sub-models compile too, under `set_model_tag`, as vLLM's draft models do; its `do_not_compile`
-flag tells the eager ones), `set_forward_context` (the warm-up run), the forward context's per-layer
-`attn_metadata` and `slot_mapping` dicts and its `cudagraph_runtime_mode` / `batch_descriptor`, and `extract_layer_index` (one integer per layer name:
-pair names become module names without a bare integer segment). The step's metadata, cut to the
+custom op on, sharing `static_forward_context`), their `load_weights` and `compute_logits`, the
+model's inner `.model(input_ids, positions)`, the `support_torch_compile` wrapper (in a compiled
+engine the sub-models compile too, under `set_model_tag`, as vLLM's draft models do; its
+`do_not_compile` flag tells the eager ones), `set_forward_context` (the warm-up run), the forward
+context's per-layer `attn_metadata` and `slot_mapping` dicts and its `cudagraph_runtime_mode` /
+`batch_descriptor`, and `extract_layer_index` (one integer per layer name: pair names become
+module names without a bare integer segment). The step's metadata, cut to the
 proxy requests, comes from `metadata.py`.
 """
 

@@ -7,8 +7,9 @@ export-taia`: the attention modules' LoRA only), per request, next to plain rows
 The other architectures of the matrix run the same check in their own engines: Qwen3, Mistral,
 Phi-3, Granite, Gemma 2 and Gemma 3 in `test_architectures.py` (whose steerable engines serve LoRA),
 Llama in `tests/mixing/test_family_e2e.py` (a LoRA family over HTTP: the tuned and TAIA mixes'
-greedy tokens equal the merged adapters', a plain request beside adapter requests equals the base). Together they fill the matrix's "TAIA, LoRA variants" column (docs/architectures.md,
-generated from `patches/architectures.py`: LORA_TESTED)."""
+greedy tokens equal the merged adapters', a plain request beside adapter requests equals the base).
+Together they fill the matrix's "TAIA, LoRA variants" column (docs/architectures.md, generated from
+`patches/architectures.py`: LORA_TESTED)."""
 
 from __future__ import annotations
 
